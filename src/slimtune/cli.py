@@ -1,0 +1,53 @@
+"""The `slimtune` console command: one subcommand per module, each with `add_arguments(parser)` and `run(args)`.
+
+Every subcommand that reports numbers takes `--json` and then prints exactly one JSON object. A `SlimtuneError`
+becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand name -> module holding `HELP`, `add_arguments(p)` and `run(args) -> int | None`
+COMMANDS: dict[str, str] = {
+    "generate": "slimtune.commands.generate",
+    "shapes": "slimtune.commands.shapes",
+    "convert": "slimtune.commands.convert",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimtune", description="Fine-tune LLMs on the GPU you have.")
+    from slimtune import __version__
+    parser.add_argument("--version", action="version", version=f"slimtune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, modname in COMMANDS.items():
+        mod = importlib.import_module(modname)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from slimtune.errors import SlimtuneError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0
+    try:
+        code = args._run(args)
+    except SlimtuneError as e:
+        print(f"slimtune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"slimtune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

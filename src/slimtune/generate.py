@@ -1,0 +1,175 @@
+"""Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), repetition penalty, stop tokens and
+stop strings, batches of prompts with left padding, chat templates, and streaming of tokens as they are produced.
+
+The logit processors apply in the order transformers uses (repetition penalty, temperature, top-k, top-p), so greedy
+decoding gives the same ids as `transformers.generate`.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from slimtune.errors import SlimtuneError
+from slimtune.models.decoder import KVCache
+
+
+@dataclass
+class SamplingConfig:
+    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: list[int] | None = None  # default: the model's eos ids
+    stop_strings: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise SlimtuneError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
+            raise SlimtuneError("sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0")
+
+
+def process_logits(logits: Tensor, seen: Tensor, sc: SamplingConfig) -> Tensor:
+    """Apply repetition penalty, temperature, top-k and top-p to fp32 logits (B, V); seen: (B, S) ids so far."""
+    if sc.repetition_penalty != 1.0:
+        # CTRL (Keskar et al. 2019): divide positive logits of seen tokens by the penalty, multiply negative ones
+        s = logits.gather(1, seen)
+        s = torch.where(s < 0, s * sc.repetition_penalty, s / sc.repetition_penalty)
+        logits = logits.scatter(1, seen, s)
+    if sc.temperature == 0:
+        return logits
+    logits = logits / sc.temperature
+    if sc.top_k > 0:
+        kth = logits.topk(min(sc.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sc.top_p < 1.0:
+        # nucleus: keep the smallest set of most likely tokens whose probability reaches top_p
+        srt, idx = logits.sort(dim=-1, descending=True)
+        cum = srt.softmax(-1).cumsum(-1)
+        drop = cum - srt.softmax(-1) >= sc.top_p  # mass before this token already reached top_p
+        logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, sc: SamplingConfig | None = None,
+             on_tokens: Callable[[Tensor], bool | None] | None = None) -> Tensor:
+    """Generate up to sc.max_new_tokens after each (left-padded) prompt.
+
+    Args:
+        model: a `Decoder`.
+        input_ids: (B, T) prompt ids, left-padded; attention_mask: (B, T), 0 on padding.
+        on_tokens: called with each step's new ids (B,); returning True stops generation (stop strings).
+    Returns:
+        (B, n) new ids, n <= max_new_tokens; rows that stopped early are filled with their stop token.
+    """
+    sc = sc or SamplingConfig()
+    sc.validate()
+    cfg = model.config
+    stop = torch.tensor(sc.stop_token_ids if sc.stop_token_ids is not None else cfg.eos_ids,
+                        dtype=torch.long, device=input_ids.device)
+    B, T = input_ids.shape
+    dtype = model.model.embed_tokens.weight.dtype
+    cache = KVCache(cfg, B, T + sc.max_new_tokens, input_ids.device, dtype)
+    gen = torch.Generator(device=input_ids.device).manual_seed(sc.seed) if sc.seed is not None else None
+    am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    padded = bool((am == 0).any())
+    logits = model(input_ids, attention_mask=am if padded else None, cache=cache)[:, -1].float()
+    seen, out = input_ids, []
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    for _ in range(sc.max_new_tokens):
+        scores = process_logits(logits, seen, sc)
+        if sc.temperature == 0:
+            nxt = scores.argmax(-1)
+        else:
+            nxt = torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(1)
+        if out:  # rows already finished keep repeating their stop token
+            nxt = torch.where(done, out[-1], nxt)
+        out.append(nxt)
+        seen = torch.cat([seen, nxt[:, None]], 1)
+        done = done | torch.isin(nxt, stop)
+        if on_tokens is not None and on_tokens(nxt):
+            break
+        if bool(done.all()) or len(out) == sc.max_new_tokens:
+            break
+        am = torch.cat([am, am.new_ones(B, 1)], 1)
+        logits = model(nxt[:, None], attention_mask=am if padded else None, cache=cache)[:, -1].float()
+    return torch.stack(out, 1)
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool, system: str | None = None) -> list[list[int]]:
+    """Token ids of each prompt: through the tokenizer's chat template with chat=True, plain text otherwise."""
+    ids = []
+    for p in prompts:
+        if chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise SlimtuneError("--chat needs a tokenizer with a chat template; this one has none (drop --chat)")
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+            enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            ids.append(list(enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc))
+        else:
+            ids.append(tokenizer(p)["input_ids"])
+    return ids
+
+
+def generate_text(model, tokenizer, prompts: list[str], sc: SamplingConfig | None = None, chat: bool = False,
+                  system: str | None = None, stream: Callable[[str], None] | None = None) -> dict:
+    """Generate for a batch of text prompts; stream the first row's text pieces as they are produced.
+
+    Returns:
+        {"outputs": [text, ...], "new_tokens": int, "seconds": float, "tokens_per_s": float}
+    """
+    sc = sc or SamplingConfig()
+    ids = encode_prompts(tokenizer, prompts, chat, system)
+    dev = model.model.embed_tokens.weight.device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    T = max(len(x) for x in ids)
+    input_ids = torch.tensor([[pad] * (T - len(x)) + x for x in ids], device=dev)
+    am = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids], device=dev)
+    stop_ids = sc.stop_token_ids if sc.stop_token_ids is not None else model.config.eos_ids
+    stop_ids = [i for i in stop_ids if i is not None]
+    texts = [""] * len(prompts)
+    hit = [False] * len(prompts)
+    streamed = [0]  # characters of row 0 already streamed
+    steps: list[Tensor] = []
+
+    def on_tokens(nxt: Tensor) -> bool:
+        steps.append(nxt)
+        cols = torch.stack(steps, 1).tolist()
+        for b, row in enumerate(cols):
+            if hit[b]:
+                continue
+            keep = [t for t in row if t not in stop_ids] if not any(t in stop_ids for t in row) else \
+                row[:next(i for i, t in enumerate(row) if t in stop_ids)]
+            text = tokenizer.decode(keep, skip_special_tokens=True)
+            if b == 0 and stream is not None:
+                safe = text.rstrip("\ufffd")  # hold back a character whose bytes are not all there yet
+                for s in sc.stop_strings:  # never stream past a stop string
+                    if s in safe:
+                        safe = safe[:safe.index(s)]
+                if len(safe) > streamed[0]:
+                    stream(safe[streamed[0]:])
+                    streamed[0] = len(safe)
+            texts[b] = text
+            if any(s in text for s in sc.stop_strings):
+                hit[b] = True
+        return all(hit)
+
+    t0 = time.perf_counter()
+    out = generate(model, input_ids, am, sc, on_tokens)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    for b, t in enumerate(texts):
+        for s in sc.stop_strings:
+            if s in t:
+                texts[b] = t[:t.index(s)]
+    n = out.shape[1]
+    return {"outputs": texts, "new_tokens": n, "seconds": dt, "tokens_per_s": n * len(prompts) / dt}

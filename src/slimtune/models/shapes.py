@@ -1,0 +1,74 @@
+"""Named model shapes that can be built on the `meta` device without weights, for counting and memory planning.
+
+Real shapes follow the published config.json of each model (vocab, widths, heads, RoPE); GPT-3 175B follows Brown et
+al. 2020, Table 2.1 (d_model 12288, 96 layers, 96 heads, FFN 4 x d, context 2048).
+"""
+from __future__ import annotations
+
+from slimtune.errors import SlimtuneError
+from slimtune.models.config import ModelConfig
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+SHAPES: dict[str, dict] = {
+    # tiny shapes for tests (one per architecture feature)
+    "tiny": dict(vocab_size=320, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "tiny-qwen2": dict(model_type="qwen2", vocab_size=320, hidden_size=128, intermediate_size=352,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, qkv_bias=True,
+                       tie_word_embeddings=True),
+    "tiny-qwen3": dict(model_type="qwen3", vocab_size=320, hidden_size=128, intermediate_size=352,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64, qk_norm=True),
+    # real shapes
+    "llama3-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                      max_position_embeddings=131072, rope_scaling={**_LLAMA3_ROPE, "factor": 32.0},
+                      tie_word_embeddings=True, dtype="bfloat16"),
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, dtype="float16"),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                      max_position_embeddings=8192, dtype="bfloat16"),
+    "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                        max_position_embeddings=131072, rope_scaling=_LLAMA3_ROPE, dtype="bfloat16"),
+    "llama3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, rope_theta=500000.0,
+                       max_position_embeddings=8192, dtype="bfloat16"),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=1000000.0,
+                       max_position_embeddings=32768, dtype="bfloat16"),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, qkv_bias=True,
+                       rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6, dtype="bfloat16"),
+    "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     qk_norm=True, rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                     dtype="bfloat16"),
+    "gpt3-175b": dict(model_type="gpt", vocab_size=50257, hidden_size=12288, intermediate_size=4 * 12288,
+                      num_hidden_layers=96, num_attention_heads=96, max_position_embeddings=2048, qkv_bias=True,
+                      o_bias=True, mlp_bias=True, mlp_gated=False, hidden_act="gelu", norm_type="layer",
+                      learned_positions=True, tie_word_embeddings=True, dtype="float16"),
+}
+
+
+def get_shape(name: str) -> ModelConfig:
+    """The `ModelConfig` of a named shape.
+
+    Raises:
+        SlimtuneError: unknown name (listing the known ones).
+    """
+    if name not in SHAPES:
+        raise SlimtuneError(f"unknown shape {name!r}; known shapes: {', '.join(SHAPES)}")
+    return ModelConfig(**SHAPES[name])
+
+
+def build_meta(cfg: ModelConfig):
+    """A `Decoder` of this config on the meta device: shapes and parameter counts, no memory."""
+    import torch
+
+    from slimtune.models.decoder import Decoder
+
+    with torch.device("meta"):
+        return Decoder(cfg)
