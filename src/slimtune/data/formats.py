@@ -1,0 +1,143 @@
+"""Recognise and check the record formats (alpaca, chat `messages`, ShareGPT `conversations`, plain `text`).
+
+`detect_format` names the format from the fields of the first record (overridable); `to_example` validates one record
+and turns it into an `Example` (a list of role/content messages, or a text); every problem is a one-line `DataError`
+naming the file, the line or record index, and the fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from slimtune.data.readers import Record, one_line
+from slimtune.errors import DataError
+
+FORMATS = ("alpaca", "messages", "sharegpt", "text")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Example:
+    """A validated record. Chat-like records: `messages` [{role, content}], roles in ROLES. Plain text: `text`.
+
+    Alpaca records become [system?], user (the instruction), assistant (the output), with the alpaca `input` kept
+    apart in `input` so that the alpaca template can place it under its own heading.
+    """
+
+    messages: list[dict[str, str]] = field(default_factory=list)
+    text: str | None = None
+    input: str = ""
+    where: str = ""
+
+
+def detect_format(rec: Record) -> str:
+    """The format named by the fields of `rec`: messages > conversations > instruction > text.
+
+    Raises:
+        DataError: none of the known fields is present.
+    """
+    keys = rec.data.keys()
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if "instruction" in keys:
+        return "alpaca"
+    if "text" in keys:
+        return "text"
+    raise DataError(f"{rec.where()}: cannot tell the data format from the fields {one_line(sorted(keys), 60)}; "
+                    f"fix: give instruction/output (alpaca), messages, conversations (ShareGPT) or text fields, "
+                    f"or set data_format to {'|'.join(FORMATS)}")
+
+
+def _string(rec: Record, value: Any, name: str, fix: str, allow_empty: bool = False) -> str:
+    """`value` if it is a string (non-empty unless allowed); otherwise a DataError about field `name`."""
+    if not isinstance(value, str):
+        raise DataError(f"{rec.where()}: {name} is a {type(value).__name__}, expected a string; fix: {fix}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{rec.where()}: {name} is empty; fix: {fix}")
+    return value
+
+
+def _alpaca(rec: Record) -> Example:
+    d = rec.data
+    for key, fix in (("instruction", "give every record an 'instruction' string (the task)"),
+                     ("output", "give every record an 'output' string (the answer to learn), or drop the record")):
+        if key not in d or d[key] is None:
+            raise DataError(f"{rec.where()}: the alpaca record has no '{key}'; fix: {fix}")
+    instruction = _string(rec, d["instruction"], "'instruction'", "write the task as a non-empty string")
+    output = _string(rec, d["output"], "'output'", "write the answer to learn as a non-empty string")
+    inp = d.get("input")
+    inp = "" if inp is None else _string(rec, inp, "'input'", "make 'input' a string ('' when there is none)", True)
+    msgs = []
+    if d.get("system"):
+        msgs.append({"role": "system", "content": _string(rec, d["system"], "'system'", "make it a string")})
+    msgs += [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]
+    return Example(messages=msgs, input=inp, where=rec.where())
+
+
+def _chat(rec: Record, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> Example:
+    """Shared check of `messages` (role/content) and ShareGPT `conversations` (from/value, roles renamed)."""
+    turns = rec.data.get(key)
+    if not isinstance(turns, list) or not turns:
+        what = "missing" if turns is None else ("empty" if isinstance(turns, list) else f"a {type(turns).__name__}")
+        raise DataError(f"{rec.where()}: '{key}' is {what}; fix: make '{key}' a non-empty list of "
+                        f"{{\"{role_key}\": ..., \"{text_key}\": ...}} objects")
+    msgs = []
+    for i, m in enumerate(turns):
+        place = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{rec.where()}: {place} is a {type(m).__name__}, not an object; fix: write each turn "
+                            f"as {{\"{role_key}\": ..., \"{text_key}\": ...}}")
+        if role_key not in m or text_key not in m:
+            missing = role_key if role_key not in m else text_key
+            raise DataError(f"{rec.where()}: {place} has no '{missing}'; fix: give every turn "
+                            f"'{role_key}' and '{text_key}'")
+        role = m[role_key]
+        if not isinstance(role, str) or role.lower() not in roles:
+            raise DataError(f"{rec.where()}: {place} has unknown {role_key} {one_line(repr(role), 30)}; "
+                            f"fix: use one of {', '.join(roles)}")
+        content = _string(rec, m[text_key], f"{place}.{text_key}", "give every turn non-empty text")
+        msgs.append({"role": roles[role.lower()], "content": content})
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"{rec.where()}: the conversation has no assistant turn, so nothing to learn; "
+                        f"fix: add the assistant's answer or drop the record")
+    return Example(messages=msgs, where=rec.where())
+
+
+def to_example(rec: Record, fmt: str) -> Example:
+    """Validate `rec` as format `fmt` (one of FORMATS) and return it as an `Example`.
+
+    Raises:
+        DataError: a missing field, a wrong type, empty text, an unknown role, a conversation with no assistant turn.
+    """
+    if fmt == "alpaca":
+        return _alpaca(rec)
+    if fmt == "messages":
+        return _chat(rec, "messages", "role", "content", {r: r for r in ROLES})
+    if fmt == "sharegpt":
+        return _chat(rec, "conversations", "from", "value", SHAREGPT_ROLES)
+    if fmt == "text":
+        if "text" not in rec.data:
+            raise DataError(f"{rec.where()}: the record has no 'text'; fix: give every record a 'text' string")
+        return Example(text=_string(rec, rec.data["text"], "'text'", "write non-empty text"), where=rec.where())
+    raise DataError(f"data_format '{fmt}' is unknown; fix: use auto or one of {', '.join(FORMATS)}")
+
+
+def to_examples(records: list[Record], fmt: str = "auto") -> tuple[list[Example], str]:
+    """Validate every record (all of them, before any training) and return (examples, format used).
+
+    Args:
+        records: from `read_records` / `read_many`.
+        fmt: "auto" (detected from the first record) or one of FORMATS.
+    Raises:
+        DataError: no records, or the first bad record (file, line or index, what is wrong, the fix).
+    """
+    if not records:
+        raise DataError("no data records were given; fix: point data_path at a non-empty file")
+    if fmt == "auto":
+        fmt = detect_format(records[0])
+    elif fmt not in FORMATS:
+        raise DataError(f"data_format '{fmt}' is unknown; fix: use auto or one of {', '.join(FORMATS)}")
+    return [to_example(r, fmt) for r in records], fmt

@@ -1,0 +1,160 @@
+"""Read training records from JSON array files, JSON Lines and Parquet, remembering where each one came from.
+
+Every record keeps its file and its line (JSON, JSONL) or row index (Parquet), so that a bad record can be reported
+as `data.jsonl line 7: ...` before any training starts. Unreadable files raise `DataError` with one line.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimtune.errors import DataError
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+JSON_SUFFIXES = (".json",)
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+@dataclass
+class Record:
+    """One raw record: its fields, its file, its 1-based line (None for Parquet) and its 0-based index in the file."""
+
+    data: dict[str, Any]
+    source: str
+    index: int
+    line: int | None = None
+
+    def where(self) -> str:
+        """`file line L` when the line is known, else `file record I` (0-based, as the rows of the file)."""
+        return f"{self.source} line {self.line}" if self.line is not None else f"{self.source} record {self.index}"
+
+
+def one_line(msg: str, n: int = 80) -> str:
+    """One line, at most n characters: error messages must stay on one line."""
+    msg = " ".join(str(msg).split())
+    return msg if len(msg) <= n else msg[: n - 3] + "..."
+
+
+def _check_object(obj: Any, source: str, index: int, line: int | None) -> Record:
+    rec = Record(obj, source, index, line)
+    if not isinstance(obj, dict):
+        raise DataError(f"{rec.where()}: the record is a {type(obj).__name__}, not a JSON object; "
+                        f"fix: make every record an object such as {{\"instruction\": ..., \"output\": ...}}")
+    return rec
+
+
+def _read_jsonl(text: str, source: str) -> list[Record]:
+    out = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source} line {lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                            f"fix: write exactly one JSON object per line") from None
+        out.append(_check_object(obj, source, len(out), lineno))
+    return out
+
+
+def _read_json_array(text: str, source: str) -> list[Record]:
+    """Decode `[obj, obj, ...]` element by element so that each record knows the line it starts on."""
+    dec = json.JSONDecoder()
+    ws = " \t\r\n"
+    n = len(text)
+
+    def skip(p: int) -> int:
+        while p < n and text[p] in ws:
+            p += 1
+        return p
+
+    def bad(p: int, what: str) -> DataError:
+        line = text.count("\n", 0, p) + 1
+        return DataError(f"{source} line {line}: not valid JSON ({what}); "
+                         f"fix: the file must be one JSON array of objects, or use .jsonl with one object per line")
+
+    pos = skip(text.index("[") + 1)
+    out: list[Record] = []
+    line, counted = 1, 0  # line number of `counted`, advanced incrementally (one pass over the text)
+    if pos < n and text[pos] == "]":
+        return out
+    while True:
+        try:
+            obj, end = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise bad(e.pos, f"{e.msg} at column {e.colno}") from None
+        line += text.count("\n", counted, pos)
+        counted = pos
+        out.append(_check_object(obj, source, len(out), line))
+        pos = skip(end)
+        if pos >= n:
+            raise bad(pos, "the array is not closed with ']'")
+        if text[pos] == "]":
+            if skip(pos + 1) < n:
+                raise bad(skip(pos + 1), "extra text after the closing ']'")
+            return out
+        if text[pos] != ",":
+            raise bad(pos, f"expected ',' or ']' but found {text[pos]!r}")
+        pos = skip(pos + 1)
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow is a dependency
+        raise DataError(f"{path}: reading Parquet needs pyarrow; fix: pip install pyarrow") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError) for broken files
+        raise DataError(f"{path}: not a readable Parquet file ({one_line(e)}); "
+                        f"fix: write it again with pyarrow or pandas.to_parquet") from None
+    return [Record(r, str(path), i, None) for i, r in enumerate(rows)]
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Read every record of one data file.
+
+    Args:
+        path: a `.json` file holding one array of objects (a `.json` file holding JSON Lines is accepted too),
+            a `.jsonl` / `.ndjson` file with one object per line, or a `.parquet` file (one record per row).
+    Returns:
+        The records in file order, each with its source, index and line.
+    Raises:
+        DataError: missing or empty file, unknown suffix, text that is not JSON (naming the line), a record that is
+            not an object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file; fix: check the path (JSON, JSONL or Parquet)")
+    suffix = path.suffix.lower()
+    if suffix in PARQUET_SUFFIXES:
+        recs = _read_parquet(path)
+    elif suffix in JSON_SUFFIXES + JSONL_SUFFIXES:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start}); fix: save the file as UTF-8") from None
+        text = text.lstrip("\ufeff")
+        if not text.strip():
+            raise DataError(f"{path}: the file is empty; fix: add records, one JSON object per line or one array")
+        if suffix in JSON_SUFFIXES and text.lstrip().startswith("["):
+            recs = _read_json_array(text, str(path))
+        else:
+            recs = _read_jsonl(text, str(path))
+    else:
+        raise DataError(f"{path}: unknown data file type '{suffix}'; fix: use .json, .jsonl or .parquet")
+    if not recs:
+        raise DataError(f"{path}: the file holds no records; fix: add at least one record")
+    return recs
+
+
+def read_many(paths: str | Path | list[str | Path]) -> list[Record]:
+    """Records of several files (or one), concatenated in the given order. Errors as `read_records`."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    out: list[Record] = []
+    for p in paths:
+        out.extend(read_records(p))
+    return out
