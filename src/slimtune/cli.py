@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "generate": "slimtune.commands.generate",
     "shapes": "slimtune.commands.shapes",
     "convert": "slimtune.commands.convert",
+    "formats": "slimtune.commands.formats",
 }
 
 
