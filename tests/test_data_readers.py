@@ -39,7 +39,7 @@ def test_json_array_records_know_their_lines(tmp_path):
         assert lines[r.line - 1].strip() == "{"
         assert json.dumps(r.data["instruction"], ensure_ascii=False) in lines[r.line]
     assert [r.index for r in got] == list(range(7))
-    assert got[3].where() == f"{path} line {got[3].line}"
+    assert got[3].where() == f"{path} line {got[3].line} (record 3)"
 
 
 def test_jsonl_with_blank_lines_and_parquet(tmp_path):
@@ -174,7 +174,18 @@ def test_bad_record_stops_the_build_before_tokenizing(tmp_path, monkeypatch):
     monkeypatch.setattr(ds, "tokenize_examples", boom)
     with pytest.raises(DataError) as e:
         build_datasets(DataConfig(path=str(p), val_fraction=0.1), builtin_tokenizer())
-    _one_line_error(e, str(p), "line 200", "'output' is empty")
+    _one_line_error(e, str(p), "line 200", "'output' is empty", "skip_bad=true")
+    monkeypatch.undo()
+    tr, va, s = build_datasets(DataConfig(path=str(p), val_fraction=0.1, skip_bad=True), builtin_tokenizer())
+    assert s["records"] + s["val_records"] == 199 and s["skipped"] == 1 and "line 200" in s["first_skipped"]
+
+
+def test_pretty_printed_single_object(tmp_path):
+    p = tmp_path / "o.json"
+    p.write_text(json.dumps({"data": [{"instruction": "a", "output": "b"}]}, indent=2))
+    with pytest.raises(DataError) as e:
+        read_records(p)
+    _one_line_error(e, str(p), "one JSON object", "[...]")
 
 
 def test_bundled_sample():

@@ -144,6 +144,22 @@ def test_truncation_counted_and_empty_targets_dropped(tok):
     assert out.tokens == sum(len(x) for x in out.input_ids)
 
 
+def test_span_lookup_matches_offset_overlap(tok):
+    """The fast label rule (tokens holding a span's first and last character) equals the overlap rule on offsets,
+    for random spans over text with multi-byte characters."""
+    from slimtune.data.tokenize import _labels_fast, _labels_from_offsets
+
+    rng = random.Random(7)
+    for _ in range(300):
+        text = "".join(rng.choice(["a", "b", " ", "é", "日", "<|end|>", "\n"]) for _ in range(rng.randint(5, 60)))
+        cuts = sorted(rng.sample(range(len(text) + 1), 4))
+        spans = [(cuts[0], cuts[1]), (cuts[2], cuts[3])]
+        spans = [(a, b) for a, b in spans if b > a]
+        enc = tok([text], add_special_tokens=False, return_offsets_mapping=True)
+        ids, offs = enc["input_ids"][0], enc["offset_mapping"][0]
+        assert _labels_fast(ids, enc.encodings[0], spans)[1].tolist() == _labels_from_offsets(ids, offs, spans).tolist()
+
+
 def test_slow_tokenizer_path_matches_fast(plain_tok):
     """Without offsets (slow tokenizers) segments are tokenized one by one; for a byte-level vocabulary the result
     is the same as the fast path."""

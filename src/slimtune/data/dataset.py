@@ -34,7 +34,8 @@ class DataConfig:
     path: a data file or a list of files (.json array, .jsonl, .parquet). format: "auto" or alpaca / messages /
     sharegpt / text. template: "auto" / tokenizer / alpaca / chatml. max_length: tokens per example (and per packed
     row). val_fraction: share of records held out (seeded by `seed`); val_path: a separate validation file instead.
-    limit: use only the first N records of `path`.
+    limit: use only the first N records of `path`. skip_bad: leave malformed records out (counted in the summary
+    as `skipped`, the first one quoted as `first_skipped`) instead of stopping.
     """
 
     path: str | list[str] = ""
@@ -48,6 +49,7 @@ class DataConfig:
     val_path: str | list[str] | None = None
     seed: int = 0
     limit: int | None = None
+    skip_bad: bool = False
 
 
 class TokenDataset:
@@ -99,7 +101,7 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[TokenDataset, Token
     Returns:
         (train, validation or None, summary). summary keys: format, template, records, val_records, examples,
         val_examples, tokens, target_tokens, val_tokens, truncated, dropped, rows, val_rows, packed, max_length,
-        fill (share of row places holding real tokens).
+        fill (share of row places holding real tokens), skipped, first_skipped.
     Raises:
         DataError: an unreadable file or a malformed record (the first one found; all records are checked before
             anything is tokenized), a bad split, or no example left to train on.
@@ -109,12 +111,17 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[TokenDataset, Token
     records = read_many(cfg.path)
     if cfg.limit is not None:
         records = records[:cfg.limit]
-    examples, fmt = to_examples(records, cfg.format)
-    if cfg.val_path:
-        if cfg.val_fraction:
-            raise DataError("both val_path and val_fraction are set; fix: keep one of them")
-        val_examples, _ = to_examples(read_many(cfg.val_path), fmt)
-    else:
+    skipped: list[str] = []
+    try:
+        examples, fmt = to_examples(records, cfg.format, cfg.skip_bad, skipped)
+        val_examples = to_examples(read_many(cfg.val_path), fmt, cfg.skip_bad, skipped)[0] if cfg.val_path else []
+    except DataError as e:  # a record-level error: say that it can also be skipped
+        if cfg.skip_bad or (" record " not in str(e) and " line " not in str(e)):
+            raise
+        raise DataError(f"{e} (or set skip_bad=true to leave malformed records out)") from None
+    if cfg.val_path and cfg.val_fraction:
+        raise DataError("both val_path and val_fraction are set; fix: keep one of them")
+    if not cfg.val_path:
         tr, va = _split(len(examples), cfg.val_fraction, cfg.seed)
         val_examples = [examples[i] for i in va]
         examples = [examples[i] for i in tr]
@@ -136,7 +143,8 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[TokenDataset, Token
         "truncated": tok.truncated + (vtok.truncated if vtok else 0),
         "dropped": tok.dropped + (vtok.dropped if vtok else 0),
         "rows": len(train), "val_rows": len(val) if val else 0, "packed": cfg.pack, "max_length": cfg.max_length,
-        "fill": round(tok.tokens / places, 4),
+        "fill": round(tok.tokens / places, 4), "skipped": len(skipped),
+        "first_skipped": skipped[0] if skipped else None,
     }
     return train, val, summary
 

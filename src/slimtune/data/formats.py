@@ -125,14 +125,17 @@ def to_example(rec: Record, fmt: str) -> Example:
     raise DataError(f"data_format '{fmt}' is unknown; fix: use auto or one of {', '.join(FORMATS)}")
 
 
-def to_examples(records: list[Record], fmt: str = "auto") -> tuple[list[Example], str]:
+def to_examples(records: list[Record], fmt: str = "auto", skip_bad: bool = False,
+                skipped: list[str] | None = None) -> tuple[list[Example], str]:
     """Validate every record (all of them, before any training) and return (examples, format used).
 
     Args:
         records: from `read_records` / `read_many`.
         fmt: "auto" (detected from the first record) or one of FORMATS.
+        skip_bad: leave bad records out instead of stopping (for large scraped sets with a few empty answers);
+            the message of each one is appended to `skipped` when given.
     Raises:
-        DataError: no records, or the first bad record (file, line or index, what is wrong, the fix).
+        DataError: no records, or (unless skip_bad) the first bad record: file, line or index, what, the fix.
     """
     if not records:
         raise DataError("no data records were given; fix: point data_path at a non-empty file")
@@ -140,4 +143,16 @@ def to_examples(records: list[Record], fmt: str = "auto") -> tuple[list[Example]
         fmt = detect_format(records[0])
     elif fmt not in FORMATS:
         raise DataError(f"data_format '{fmt}' is unknown; fix: use auto or one of {', '.join(FORMATS)}")
-    return [to_example(r, fmt) for r in records], fmt
+    if not skip_bad:
+        return [to_example(r, fmt) for r in records], fmt
+    out = []
+    for r in records:
+        try:
+            out.append(to_example(r, fmt))
+        except DataError as e:
+            if skipped is not None:
+                skipped.append(str(e))
+    if not out:
+        raise DataError(f"{records[0].source}: every record is malformed for format {fmt} ({skipped[0] if skipped else ''})"
+                        f"; fix: check data_format")
+    return out, fmt

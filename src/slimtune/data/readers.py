@@ -25,10 +25,13 @@ class Record:
     source: str
     index: int
     line: int | None = None
+    in_array: bool = False  # from a JSON array, where several records may share a line
 
     def where(self) -> str:
-        """`file line L` when the line is known, else `file record I` (0-based, as the rows of the file)."""
-        return f"{self.source} line {self.line}" if self.line is not None else f"{self.source} record {self.index}"
+        """`file line L` (JSONL), `file line L (record I)` (JSON array), `file record I` (Parquet); I is 0-based."""
+        if self.line is None:
+            return f"{self.source} record {self.index}"
+        return f"{self.source} line {self.line}" + (f" (record {self.index})" if self.in_array else "")
 
 
 def one_line(msg: str, n: int = 80) -> str:
@@ -37,8 +40,8 @@ def one_line(msg: str, n: int = 80) -> str:
     return msg if len(msg) <= n else msg[: n - 3] + "..."
 
 
-def _check_object(obj: Any, source: str, index: int, line: int | None) -> Record:
-    rec = Record(obj, source, index, line)
+def _check_object(obj: Any, source: str, index: int, line: int | None, in_array: bool = False) -> Record:
+    rec = Record(obj, source, index, line, in_array)
     if not isinstance(obj, dict):
         raise DataError(f"{rec.where()}: the record is a {type(obj).__name__}, not a JSON object; "
                         f"fix: make every record an object such as {{\"instruction\": ..., \"output\": ...}}")
@@ -87,7 +90,7 @@ def _read_json_array(text: str, source: str) -> list[Record]:
             raise bad(e.pos, f"{e.msg} at column {e.colno}") from None
         line += text.count("\n", counted, pos)
         counted = pos
-        out.append(_check_object(obj, source, len(out), line))
+        out.append(_check_object(obj, source, len(out), line, in_array=True))
         pos = skip(end)
         if pos >= n:
             raise bad(pos, "the array is not closed with ']'")
@@ -98,6 +101,15 @@ def _read_json_array(text: str, source: str) -> list[Record]:
         if text[pos] != ",":
             raise bad(pos, f"expected ',' or ']' but found {text[pos]!r}")
         pos = skip(pos + 1)
+
+
+def _one_object(text: str) -> bool:
+    """Whether the whole text is a single JSON value (a pretty-printed object rather than JSON Lines)."""
+    try:
+        json.loads(text)
+        return "\n" in text.strip()
+    except json.JSONDecodeError:
+        return False
 
 
 def _read_parquet(path: Path) -> list[Record]:
@@ -141,6 +153,9 @@ def read_records(path: str | Path) -> list[Record]:
             raise DataError(f"{path}: the file is empty; fix: add records, one JSON object per line or one array")
         if suffix in JSON_SUFFIXES and text.lstrip().startswith("["):
             recs = _read_json_array(text, str(path))
+        elif suffix in JSON_SUFFIXES and text.lstrip().startswith("{") and _one_object(text):
+            raise DataError(f"{path}: the file holds one JSON object, not an array of records; "
+                            f"fix: put the records in a top-level [...] array, or write them as .jsonl")
         else:
             recs = _read_jsonl(text, str(path))
     else:
