@@ -63,7 +63,7 @@ def _string(rec: Record, value: Any, name: str, fix: str, allow_empty: bool = Fa
 def _alpaca(rec: Record) -> Example:
     d = rec.data
     for key, fix in (("instruction", "give every record an 'instruction' string (the task)"),
-                     ("output", "give every record an 'output' string (the answer to learn), or drop the record")):
+                     ("output", "give every record an 'output' string (the answer to learn)")):
         if key not in d or d[key] is None:
             raise DataError(f"{rec.where()}: the alpaca record has no '{key}'; fix: {fix}")
     instruction = _string(rec, d["instruction"], "'instruction'", "write the task as a non-empty string")
