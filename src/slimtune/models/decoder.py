@@ -11,10 +11,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from slimtune.models.config import ModelConfig
 
+# With a KV cache the key length changes every step; cuDNN attention (the default on Hopper) builds a new plan per
+# shape (measured: 63 ms a decode step on an H100, flash 0.6 ms), so decoding uses flash, or math for masks.
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
@@ -108,8 +112,13 @@ class Attention(nn.Module):
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
             mask = torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], -1)  # every query sees the prefix
             is_causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.nh != self.nkv)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               enable_gqa=self.nh != self.nkv)
+        else:
+            with sdpa_kernel(DECODE_BACKENDS):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                   enable_gqa=self.nh != self.nkv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
