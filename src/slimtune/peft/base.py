@@ -6,6 +6,7 @@ switching, disabling, deleting, merging and unloading work the same way for ever
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 from collections.abc import Callable
@@ -82,14 +83,20 @@ class MethodSpec:
     load_state_dict(model, sd, name): copy such tensors into an applied adapter (shapes already validated).
     shapes(model, cfg): the file keys and shapes `apply` would create, computed without touching the model; used to
         validate a file before anything is modified (and to count parameters).
+    parameters(model, name): the trainable parameters of adapter `name` (what `freeze_base` leaves trainable);
+        default: every parameter held under `name` by an AdapterLayer.
+
+    A `state_dict` that returns the live tensors (`p.detach()`, sharing storage) may leave `load_state_dict` as None:
+    loading then copies each file tensor into them.
     """
 
     name: str
     config_cls: type[MethodConfig]
     apply: Callable[[nn.Module, Any, str], None]
     state_dict: Callable[[nn.Module, str], dict[str, Tensor]]
-    load_state_dict: Callable[[nn.Module, dict[str, Tensor], str], None]
+    load_state_dict: Callable[[nn.Module, dict[str, Tensor], str], None] | None = None
     shapes: Callable[[nn.Module, Any], dict[str, tuple[int, ...]]] | None = None
+    parameters: Callable[[nn.Module, str], list[nn.Parameter]] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -187,10 +194,105 @@ class AdapterLayer(nn.Module):
         self.active = [n for n in self.active if n != name]
 
     def merge(self, names: list[str] | None = None) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot merge into its base layer")
+        raise ConfigError(f"{type(self).__name__} adapters cannot be merged into the base layer; use unload instead")
 
     def unmerge(self) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot unmerge")
+        """Undo `merge` (a no-op where nothing is merged)."""
+
+    def unloaded(self, merge: bool) -> nn.Module:
+        """The plain module to put back in this layer's place: the base layer, with the active adapters folded into
+        it when `merge`."""
+        if merge and self.active and not self.disabled:
+            self.merge(self.active)
+        else:
+            self.unmerge()
+        return self.base_layer
+
+
+class ModulesToSave(AdapterLayer):
+    """PEFT's `modules_to_save`: a full trainable copy of a module per adapter (e.g. a classification head); the
+    active adapter's copy replaces the original in forward. Saved as `base_model.model.<path>.<param>`."""
+
+    adapter_attrs = ("modules_to_save",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+
+    def add(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.base_layer)
+
+    def forward(self, *args: Any, **kw: Any) -> Any:
+        if self.disabled or not self.active:
+            return self.base_layer(*args, **kw)
+        return self.modules_to_save[self.active[0]](*args, **kw)
+
+    def unloaded(self, merge: bool) -> nn.Module:
+        if merge and self.active and not self.disabled:
+            return self.modules_to_save[self.active[0]]
+        return self.base_layer
+
+
+def modules_to_save_paths(model: nn.Module, names: list[str] | str | None) -> list[str]:
+    """Paths of the modules named (exact or suffix) in `modules_to_save`.
+
+    Raises:
+        ConfigError: a name that matches no module.
+    """
+    if not names:
+        return []
+    from slimtune.peft.targets import find_targets
+
+    paths: list[str] = []
+    for n in [names] if isinstance(names, str) else names:
+        paths += [p for p in find_targets(model, [n], linear_only=False) if p not in paths]
+    # keep the outermost match only (a suffix can match a module and its children's names never end alike anyway)
+    return paths
+
+
+def add_modules_to_save(model: nn.Module, names: list[str] | str | None, adapter: str) -> None:
+    """Wrap each module of `modules_to_save` (once) and give it a trainable copy for `adapter`."""
+    from slimtune.peft.targets import replace_module
+
+    for p in modules_to_save_paths(model, names):
+        m = model.get_submodule(p)
+        if not isinstance(m, ModulesToSave):
+            m = ModulesToSave(m)
+            replace_module(model, p, m)
+        m.add(adapter)
+        m.set_active([adapter])
+
+
+def modules_to_save_state_dict(model: nn.Module, adapter: str) -> dict[str, Tensor]:
+    """File key -> live tensor of every `modules_to_save` copy of `adapter`."""
+    out: dict[str, Tensor] = {}
+    for path, m in model.named_modules():
+        if isinstance(m, ModulesToSave) and adapter in m.modules_to_save:
+            out.update({file_key(path, k): t.detach() for k, t in m.modules_to_save[adapter].state_dict().items()})
+    return out
+
+
+def modules_to_save_shapes(model: nn.Module, names: list[str] | str | None) -> dict[str, tuple[int, ...]]:
+    """File key -> shape of what `add_modules_to_save` would save, without touching the model."""
+    out: dict[str, tuple[int, ...]] = {}
+    for p in modules_to_save_paths(model, names):
+        m = model.get_submodule(p)
+        m = m.base_layer if isinstance(m, ModulesToSave) else m
+        out.update({file_key(p, k): tuple(t.shape) for k, t in m.state_dict().items()})
+    return out
+
+
+def layer_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """Every parameter that an AdapterLayer holds under adapter `name` (the default `MethodSpec.parameters`)."""
+    out: list[nn.Parameter] = []
+    for m in model.modules():
+        if isinstance(m, AdapterLayer):
+            for a in m.adapter_attrs:
+                d = getattr(m, a)
+                if name in d:
+                    v = d[name]
+                    out += [v] if isinstance(v, nn.Parameter) else list(v.parameters())
+    return out
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
@@ -211,3 +313,15 @@ def model_adapters(model: nn.Module) -> dict[str, MethodConfig]:
         d = {}
         model.__dict__["slimtune_adapters"] = d
     return d
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The names of the adapters in use (what forward applies and `freeze_base` leaves trainable)."""
+    return list(model.__dict__.get("slimtune_active", []))
+
+
+def set_active_adapters(model: nn.Module, names: list[str]) -> None:
+    """Record the active adapters and tell every AdapterLayer (a layer without one of them uses none)."""
+    model.__dict__["slimtune_active"] = list(names)
+    for _, layer in adapter_layers(model):
+        layer.set_active(list(names))
