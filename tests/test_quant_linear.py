@@ -10,7 +10,7 @@ from torch import nn
 
 from slimtune.errors import CheckpointError, ConfigError, PrecisionError
 from slimtune.models.tiny import builtin_model
-from slimtune.quant.linear import QUANT_FORMATS, QuantLinear, quantize_model
+from slimtune.quant.linear import QUANT_FORMATS, QuantLinear, prepare_quantized, quantize_model
 
 OUT, IN = 48, 128
 
@@ -203,3 +203,19 @@ def test_quantize_model_nan_and_outlier_reports():
     with pytest.raises(PrecisionError) as e:
         quantize_model(model, "nf4")
     assert "model.layers.2.mlp.up_proj.weight" in str(e.value) and "row 5" in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8", "fp8"])
+def test_whole_model_safetensors_roundtrip(tmp_path, fmt):
+    from safetensors.torch import load_file, save_file
+
+    model = builtin_model(0)
+    quantize_model(model, fmt, group_size=16 if fmt == "int4" else None)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    fresh = builtin_model(1)  # other weights: everything must come from the file
+    prepare_quantized(fresh, fmt, group_size=16 if fmt == "int4" else None)
+    assert isinstance(fresh.model.layers[0].self_attn.q_proj.weight, torch.Tensor)
+    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True, assign=True)
+    ids = torch.randint(8, 264, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))

@@ -19,14 +19,14 @@ OUTLIER_SIGMA = 64.0  # max|w| / rms(w) above this is reported (a Gaussian of 1e
 def scan_weight(name: str, w: Tensor, fmt: str) -> float:
     """Check `w` before quantizing it to `fmt`; returns max|w| / rms(w) (0 for an all-zero tensor).
 
-    Two reductions over `w`, computed in fp32 without an fp32 copy of the tensor.
+    Two reductions over `w` (max |w| and the fp32 sum of squares), neither allocating a tensor of w's size.
 
     Raises:
         PrecisionError: `w` holds NaN or inf (names the tensor and the first bad row).
     """
     if w.numel() == 0:
         return 0.0
-    amax = w.detach().abs().amax().float().item()
+    amax = torch.linalg.vector_norm(w.detach(), float("inf")).float().item()  # max|w|, no |w| temporary
     if not math.isfinite(amax):
         bad = (~torch.isfinite(w.detach())).reshape(w.shape[0], -1).any(-1).nonzero()[0, 0].item()
         raise PrecisionError(f"tensor {name} holds NaN or inf (first in row {bad}); quantizing it to {fmt} would "

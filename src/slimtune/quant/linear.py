@@ -11,7 +11,9 @@ API: `QuantLinear(in_features, out_features, fmt, bias=False, group_size=None, d
 compute_dtype=torch.bfloat16, device=None)`, `QuantLinear.from_weight(weight, bias, fmt, group_size=None,
 double_quant=False, name="weight")`, `QuantLinear.from_linear(linear, fmt, ...)`, `.dequantize(dtype=None)`,
 `.nbytes()`, `quantize_model(model, fmt, group_size=None, double_quant=None, skip=("lm_head",), device=None,
-measure_error=False) -> QuantReport`, `linear_names(model, skip)`, `QUANT_FORMATS`.
+measure_error=False) -> QuantReport`, `prepare_quantized(model, fmt, group_size=None, double_quant=None,
+skip=("lm_head",), device="meta") -> list[str]` (empty layers to load a quantized checkpoint into),
+`linear_names(model, skip)`, `QUANT_FORMATS`.
 """
 from __future__ import annotations
 
@@ -265,6 +267,23 @@ def linear_names(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list
     """Names of the nn.Linear modules of `model`, minus those equal to or ending in '.' + an entry of `skip`."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
             and not any(n == s or n.endswith("." + s) for s in skip)]
+
+
+def prepare_quantized(model: nn.Module, fmt: str, group_size: int | None = None, double_quant: bool | None = None,
+                      skip: tuple[str, ...] = ("lm_head",), device: str | torch.device = "meta") -> list[str]:
+    """Replace every nn.Linear of `model` (but `skip`) by an empty QuantLinear on `device`, in place, so that a
+    quantized checkpoint loads into it with `model.load_state_dict(sd, assign=True)`. Returns the replaced names.
+
+    Raises:
+        ConfigError: unknown format, a group size that does not divide a layer's width.
+    """
+    dq = fmt in FORMATS_4BIT if double_quant is None else double_quant
+    names = linear_names(model, skip)
+    for n in names:
+        lin = model.get_submodule(n)
+        model.set_submodule(n, QuantLinear(lin.in_features, lin.out_features, fmt, lin.bias is not None, group_size,
+                                           dq, lin.weight.dtype, device, f"{n}.weight"))
+    return names
 
 
 @dataclass
