@@ -56,11 +56,13 @@ def main():
            "torch": torch.__version__}
     with torch.no_grad():
         model(long_ids[:, :64])  # warm-up
-        _, res["prefill_2048_s"] = timed(lambda: model(long_ids), dev)
         sc = SamplingConfig(max_new_tokens=a.new, stop_token_ids=[])
-        generate(model, ids, sc=SamplingConfig(max_new_tokens=8, stop_token_ids=[]))  # warm-up
-        ours, dt = timed(lambda: generate(model, ids, sc=sc), dev)
-        res["slimtune_decode_tok_s"] = round(a.new / dt, 1)
+        model(long_ids)  # warm-up at this shape too (cuDNN builds a plan per shape)
+        _, res["prefill_2048_s"] = timed(lambda: model(long_ids), dev)
+        for graph in ((False, True) if dev.type == "cuda" else (False,)):
+            generate(model, ids, sc=SamplingConfig(max_new_tokens=8, stop_token_ids=[]), cuda_graph=graph)
+            ours, dt = timed(lambda: generate(model, ids, sc=sc, cuda_graph=graph), dev)
+            res["slimtune_decode_tok_s" + ("_cuda_graph" if graph else "_eager")] = round(a.new / dt, 1)
         res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None
         if not a.no_hf:
             import transformers

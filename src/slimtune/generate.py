@@ -58,15 +58,56 @@ def process_logits(logits: Tensor, seen: Tensor, sc: SamplingConfig) -> Tensor:
     return logits
 
 
+class GraphStep:
+    """One decode step (one new token per row) captured as a CUDA graph over a static KV cache, then replayed.
+
+    Eager decoding of an 8B model is bound by Python and kernel launches (~1,300 launches a token); a replayed graph
+    launches them all at once. Warm-up and capture write into the cache's last slot, which real tokens never reach
+    (the last sampled token is not fed back) and which the mask always hides.
+    """
+
+    def __init__(self, model, cache: KVCache) -> None:
+        B, L, dev = cache.k[0].shape[0], cache.max_len, cache.k[0].device
+        self.cache = cache
+        self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.mask = torch.zeros(B, L, dtype=torch.long, device=dev)
+        self.mask[:, -1] = 1
+        cache.index.fill_(L - 1)
+        cache.static = True
+
+        def run() -> Tensor:
+            return model(self.tok, attention_mask=self.mask, position_ids=self.pos, cache=cache)
+
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = run()
+
+    def __call__(self, tok: Tensor, pos: Tensor, mask: Tensor, slot: int) -> Tensor:
+        self.tok.copy_(tok[:, None])
+        self.pos.copy_(pos[:, None])
+        self.mask.copy_(mask)
+        self.cache.index.fill_(slot)
+        self.graph.replay()
+        return self.out[:, -1]
+
+
 @torch.no_grad()
 def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, sc: SamplingConfig | None = None,
-             on_tokens: Callable[[Tensor], bool | None] | None = None) -> Tensor:
+             on_tokens: Callable[[Tensor], bool | None] | None = None, cuda_graph: bool | None = None) -> Tensor:
     """Generate up to sc.max_new_tokens after each (left-padded) prompt.
 
     Args:
         model: a `Decoder`.
         input_ids: (B, T) prompt ids, left-padded; attention_mask: (B, T), 0 on padding.
         on_tokens: called with each step's new ids (B,); returning True stops generation (stop strings).
+        cuda_graph: replay each decode step as a CUDA graph (default: on CUDA).
     Returns:
         (B, n) new ids, n <= max_new_tokens; rows that stopped early are filled with their stop token.
     """
@@ -82,6 +123,10 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, sc:
     am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     padded = bool((am == 0).any())
     logits = model(input_ids, attention_mask=am if padded else None, cache=cache)[:, -1].float()
+    graph = GraphStep(model, cache) if (input_ids.is_cuda if cuda_graph is None else cuda_graph) else None
+    slots = torch.zeros(B, T + sc.max_new_tokens, dtype=torch.long, device=input_ids.device)
+    slots[:, :T] = am
+    next_pos = am.long().sum(1)  # position of the next token in each row (padding not counted)
     seen, out = input_ids, []
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for _ in range(sc.max_new_tokens):
@@ -99,6 +144,12 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, sc:
             break
         if bool(done.all()) or len(out) == sc.max_new_tokens:
             break
+        if graph is not None:
+            slot = T + len(out) - 1
+            slots[:, slot] = 1
+            logits = graph(nxt, next_pos, slots, slot).float()
+            next_pos += 1
+            continue
         am = torch.cat([am, am.new_ones(B, 1)], 1)
         logits = model(nxt[:, None], attention_mask=am if padded else None, cache=cache)[:, -1].float()
     return torch.stack(out, 1)
@@ -117,6 +168,14 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool, system: str | None
         else:
             ids.append(tokenizer(p)["input_ids"])
     return ids
+
+
+def _partial_suffix(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper beginning of `stop`."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if stop.startswith(text[-n:]):
+            return n
+    return 0
 
 
 def generate_text(model, tokenizer, prompts: list[str], sc: SamplingConfig | None = None, chat: bool = False,
@@ -151,9 +210,11 @@ def generate_text(model, tokenizer, prompts: list[str], sc: SamplingConfig | Non
             text = tokenizer.decode(keep, skip_special_tokens=True)
             if b == 0 and stream is not None:
                 safe = text.rstrip("\ufffd")  # hold back a character whose bytes are not all there yet
-                for s in sc.stop_strings:  # never stream past a stop string
+                for s in sc.stop_strings:  # never stream a stop string, nor the start of one
                     if s in safe:
                         safe = safe[:safe.index(s)]
+                    else:
+                        safe = safe[:len(safe) - _partial_suffix(safe, s)]
                 if len(safe) > streamed[0]:
                     stream(safe[streamed[0]:])
                     streamed[0] = len(safe)
@@ -171,5 +232,7 @@ def generate_text(model, tokenizer, prompts: list[str], sc: SamplingConfig | Non
         for s in sc.stop_strings:
             if s in t:
                 texts[b] = t[:t.index(s)]
+    if stream is not None and len(texts[0]) > streamed[0]:
+        stream(texts[0][streamed[0]:])  # what was held back as incomplete bytes stays incomplete: flush it
     n = out.shape[1]
     return {"outputs": texts, "new_tokens": n, "seconds": dt, "tokens_per_s": n * len(prompts) / dt}

@@ -246,7 +246,10 @@ class Decoder(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:past + T]
             else:
                 position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
-        mask = self.build_mask(B, T, past, x.device, attention_mask, seq_ids)
+        if cache is not None and cache.static:
+            mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, max_len): the caller marks filled slots
+        else:
+            mask = self.build_mask(B, T, past, x.device, attention_mask, seq_ids)
         cos = sin = None
         if self.config.learned_positions:
             x = x + self.model.embed_positions(position_ids)
@@ -257,7 +260,7 @@ class Decoder(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
-        if cache is not None:
+        if cache is not None and not cache.static:
             cache.pos += T
         return self.model.norm(x)
 
@@ -267,17 +270,28 @@ class Decoder(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for generation: per layer (B, nkv, max_len, hd); `pos` tokens filled so far."""
+    """Preallocated keys and values for generation: per layer (B, nkv, max_len, hd); `pos` tokens filled so far.
+
+    In `static` mode (for CUDA graphs) every shape is fixed: new keys go to the slots in the tensor `index`, attention
+    runs over all max_len slots, and the caller passes a (B, max_len) attention mask of the filled slots and the
+    position ids; `pos` is then the caller's business.
+    """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str,
                  dtype: torch.dtype) -> None:
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.pos = 0
         self.max_len = max_len
+        self.static = False
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.static:
+            self.k[layer].index_copy_(2, self.index, k)
+            self.v[layer].index_copy_(2, self.index, v)
+            return self.k[layer], self.v[layer]
         T = k.shape[2]
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions is full")
