@@ -13,6 +13,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -149,6 +150,65 @@ def iter_tensors(folder: str | Path, device: str | torch.device = "cpu") -> Iter
                     if got != e - b:
                         raise CheckpointError(f"{path}: truncated while reading {name}; re-download or re-save it")
                 yield name, t
+
+
+@dataclass(frozen=True)
+class TensorLoc:
+    """Where one tensor lies in a safetensors file: its absolute byte range [start, end), dtype and shape."""
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def tensor_index(path: str | Path) -> dict[str, TensorLoc]:
+    """Name -> `TensorLoc` for every tensor of a checkpoint folder (all shards) or of one .safetensors file.
+
+    Only headers are read, so this is cheap for any model size; `read_tensor` then reads one tensor (or rows of it).
+
+    Raises:
+        CheckpointError: no weights, a .bin checkpoint (not readable tensor by tensor), a damaged header.
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else checkpoint_files(path)
+    out: dict[str, TensorLoc] = {}
+    for f in files:
+        if f.suffix == ".bin":
+            raise CheckpointError(f"{f}: a pytorch_model.bin cannot be read tensor by tensor; convert it to "
+                                  "safetensors first (slimtune convert MODEL OUT)")
+        header, start = read_safetensors_header(f)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in ST_DTYPES:
+                raise CheckpointError(f"{f}: tensor {name} has unsupported dtype {info['dtype']}")
+            b, e = info["data_offsets"]
+            out[name] = TensorLoc(f, ST_DTYPES[info["dtype"]], tuple(info["shape"]), start + b, start + e)
+    return out
+
+
+def read_tensor(loc: TensorLoc, rows: tuple[int, int] | None = None) -> Tensor:
+    """Read one tensor, or only its rows [r0, r1) along dim 0 (contiguous in the file), into fresh memory.
+
+    Raises:
+        CheckpointError: the file is shorter than its header says.
+    """
+    shape = list(loc.shape)
+    start, end = loc.start, loc.end
+    if rows is not None and shape:
+        row_bytes = (end - start) // max(shape[0], 1)
+        r0, r1 = rows
+        start, end = loc.start + r0 * row_bytes, loc.start + r1 * row_bytes
+        shape[0] = r1 - r0
+    t = torch.empty(shape, dtype=loc.dtype)
+    if end > start:
+        with open(loc.path, "rb", buffering=0) as f:
+            f.seek(start)
+            got = f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        if got != end - start:
+            raise CheckpointError(f"{loc.path}: truncated while reading a tensor; re-download or re-save it")
+    return t
 
 
 def resolve(path: str | Path) -> Path:

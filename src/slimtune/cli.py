@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "shapes": "slimtune.commands.shapes",
     "convert": "slimtune.commands.convert",
     "formats": "slimtune.commands.formats",
+    "merge": "slimtune.commands.merge",
 }
 
 
