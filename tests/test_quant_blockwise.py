@@ -7,7 +7,7 @@ import torch
 
 import slimtune.quant.blockwise as bw
 from slimtune.errors import CheckpointError, ConfigError, PrecisionError
-from slimtune.quant.blockwise import (dequantize_4bit, dynamic_map, from_bnb_state_dict, quantize_4bit,
+from slimtune.quant.blockwise import (code_table, dequantize_4bit, dynamic_map, from_bnb_state_dict, quantize_4bit,
                                       to_bnb_state_dict)
 from slimtune.quant.intq import dequantize_int4, quantize_int4
 
@@ -201,3 +201,39 @@ def test_zero_block_decodes_to_zero():
     x[0] = 0
     d = dequantize_4bit(quantize_4bit(x, "fp4", 64, double_quant=True))
     assert torch.isfinite(d).all() and d[0].abs().max() < 1e-3 * x.abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitsandbytes_interop(fmt, dtype):
+    """Against bitsandbytes itself where installed (CUDA when available): same 4-bit codes and absmax, and each
+    side decodes the other's checkpoint to the same values, bit for bit."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as BF
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    w = (torch.randn(256, 1000, generator=torch.Generator().manual_seed(9)) * 0.02).to(dtype).to(dev)
+    packed, state = BF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type=fmt)
+    ours = quantize_4bit(w, fmt, 64, double_quant=True)
+    single = quantize_4bit(w, fmt, 64)
+    assert torch.equal(state.state2.absmax, ours.nested_absmax)
+    assert state.offset.item() == ours.nested_offset.item()
+    assert torch.equal(state.state2.code.to(dev), dynamic_map(dev))
+    # 4-bit codes: identical, except +0 / -0 of fp4 and a value exactly halfway between two codes (bf16 data hits
+    # exact ties such as 5/12; bitsandbytes' CUDA thresholds are decimal literals, its CPU ones fp32 midpoints)
+    a = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], 1).view(-1).long().cpu()
+    b = torch.stack([ours.packed.view(-1) >> 4, ours.packed.view(-1) & 15], 1).view(-1).long().cpu()
+    code = code_table(fmt)
+    s = (w.float().cpu().view(-1, 64) * (1 / single.absmax.cpu()[:, None])).view(-1)
+    tie = ((s - code[a]).abs() - (s - code[b]).abs()).abs() < 1e-6
+    assert bool(((a == b) | tie).all()) and (a != b).float().mean() < 0.01
+    # nested 8-bit absmax codes: ours is the exact nearest; bitsandbytes' search may pick a neighbour near a midpoint
+    d8 = (state.absmax.int() - ours.absmax.int()).abs()
+    assert d8.max() <= 1 and (d8 > 0).float().mean() < 0.01
+    # exchange: decode their checkpoint here, ours there
+    sd = {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+    assert torch.equal(dequantize_4bit(from_bnb_state_dict(sd)), BF.dequantize_4bit(packed, state))
+    sd = to_bnb_state_dict(ours)
+    theirs = bnb.functional.QuantState.from_dict({k[7:]: v for k, v in sd.items() if k != "weight"}, device=dev)
+    assert torch.equal(BF.dequantize_4bit(sd["weight"], theirs), dequantize_4bit(ours))
+    assert single.absmax.shape == ours.absmax.shape

@@ -31,7 +31,7 @@ FORMATS_4BIT = ("nf4", "fp4")
 # bitsandbytes "fp4": sign bit 8, magnitudes (code & 7) -> {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12 (an e2m1 with bias 3
 # and a subnormal 0.0625, normalised to max 1). Not the OCP e2m1 grid; kept for checkpoint exchange.
 _FP4_MAG = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
-FP4_CODE = tuple(m / 12 for m in _FP4_MAG) + tuple(-m / 12 for m in _FP4_MAG)
+FP4_CODE = tuple(m / 12 for m in _FP4_MAG) + tuple(-m / 12 for m in _FP4_MAG)  # -0.0 at index 8
 CHUNK = 1 << 22  # elements per step: bounds the fp32/int32 temporaries to ~32 MB
 
 
@@ -39,21 +39,23 @@ CHUNK = 1 << 22  # elements per step: bounds the fp32/int32 temporaries to ~32 M
 def _tables(fmt: str, device: str) -> tuple[Tensor, Tensor, Tensor]:
     """(code (16,) fp32, decision boundaries fp32, code index of each bucket int32) on `device`.
 
-    NF4: index = number of midpoints below x (ties go down, as bitsandbytes' `x > pivot` tree). FP4: the magnitude
-    is bucketed over the 8 sorted magnitudes and the sign bit set for x < 0 (as the bitsandbytes CUDA kernel).
+    Boundaries are the fp32 midpoints (a + b) / 2 of neighbouring fp32 code values, as bitsandbytes' reference
+    backend computes them; a value exactly on one goes to the lower code. NF4: index = number of midpoints below x.
+    FP4: the magnitude is bucketed over the 8 sorted magnitudes and the sign bit set for x < 0 (as bitsandbytes'
+    CUDA kernel: +0 is code 0, -0 code 8).
     """
     if fmt == "nf4":
-        code = torch.tensor(NF4_CODE, dtype=torch.float64)
+        code = torch.tensor(NF4_CODE, dtype=torch.float32)
         mids = (code[1:] + code[:-1]) / 2
         idx = torch.arange(16)
     else:
-        mags = torch.tensor(_FP4_MAG, dtype=torch.float64) / 12
+        code = torch.tensor(FP4_CODE, dtype=torch.float32)
+        mags = code[:8]
         order = torch.argsort(mags)
         s = mags[order]
         mids = (s[1:] + s[:-1]) / 2
         idx = order
-        code = torch.tensor(FP4_CODE, dtype=torch.float64)
-    return (code.float().to(device), mids.float().to(device), idx.to(torch.int32).to(device))
+    return code.to(device), mids.to(device), idx.to(torch.int32).to(device)
 
 
 def code_table(fmt: str, device: str | torch.device = "cpu") -> Tensor:
