@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "convert": "slimtune.commands.convert",
     "formats": "slimtune.commands.formats",
     "merge": "slimtune.commands.merge",
+    "merge-adapter": "slimtune.commands.adapter",
 }
 
 

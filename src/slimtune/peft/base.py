@@ -170,6 +170,7 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.training = base_layer.training  # new layers follow the model's mode (eval stays eval: no dropout)
         self.active: list[str] = []
         self.disabled = False
         self.merged: list[str] = []
@@ -220,7 +221,7 @@ class ModulesToSave(AdapterLayer):
         self.modules_to_save = nn.ModuleDict()
 
     def add(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.base_layer)
+        self.modules_to_save[name] = copy.deepcopy(self.base_layer).train(self.training)
 
     def forward(self, *args: Any, **kw: Any) -> Any:
         if self.disabled or not self.active:

@@ -142,7 +142,7 @@ class LoraLinear(AdapterLayer):
             nn.init.normal_(A.weight, std=1 / r)
             nn.init.zeros_(B.weight)
         self.lora_A[name], self.lora_B[name] = A, B
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
         if dora:
             # m starts at ||W0 + s B A||_row, so that the adapted layer starts equal to the (adapted) base
