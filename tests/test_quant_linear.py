@@ -35,6 +35,8 @@ EXPECTED_BYTES = {  # packed weight + scales + fp32 bias (OUT floats)
     "int8": OUT * IN + OUT * 4,
     "w8a8": OUT * IN + OUT * 4,
     "int4": OUT * IN // 2 + OUT * (IN // 64) * (4 + 1),
+    "int3": OUT * IN * 3 // 8 + OUT * (IN // 64) * (4 + 1),
+    "int2": OUT * IN // 4 + OUT * (IN // 64) * (4 + 1),
     "fp8": OUT * IN + OUT * 4,
     "ternary": OUT * IN // 4 + 4,
 }
@@ -81,6 +83,40 @@ def test_fp8_reference():
     assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.shape == (OUT, 1)
     assert (q.weight.float() - ref.float()).abs().max() <= 0  # same rounding
     assert q.weight.float().abs().amax(1).eq(448).all()  # every row's absmax maps to the largest value
+
+
+def test_pack_bits_layout():
+    from slimtune.quant.intq import pack_bits, pack_nibbles, unpack_bits
+
+    g = torch.Generator().manual_seed(11)
+    c4 = torch.randint(0, 16, (5, 64), generator=g, dtype=torch.uint8)
+    assert torch.equal(pack_bits(c4, 4), pack_nibbles(c4))
+    c3 = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]], dtype=torch.uint8)  # 001 010 011 100 101 110 111 000
+    assert pack_bits(c3, 3).tolist() == [[0b00101001, 0b11001011, 0b10111000]]
+    for bits in (2, 3, 4, 8):
+        c = torch.randint(0, 2 ** bits, (3, 48), generator=g, dtype=torch.uint8)
+        assert torch.equal(unpack_bits(pack_bits(c, bits), bits), c)
+
+
+def test_fewer_bits_more_error():
+    lin = make_linear(12)
+    err = {f: (QuantLinear.from_linear(lin, f).dequantize(torch.float32) - lin.weight).norm().item()
+           for f in ("int2", "int3", "int4", "int8")}
+    assert err["int2"] > 1.8 * err["int3"] > 1.8 * 1.8 * err["int4"]
+    assert err["int4"] > 5 * err["int8"]
+
+
+def test_to_dtype_keeps_packed_buffers():
+    model = builtin_model(0)
+    quantize_model(model, "fp8")
+    q = model.model.layers[0].self_attn.q_proj
+    w, s = q.weight.clone(), q.weight_scale.clone()
+    model.to(torch.bfloat16)  # must not round the fp32 scales nor re-encode the fp8 codes
+    assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.dtype == torch.float32
+    assert torch.equal(q.weight.float(), w.float()) and torch.equal(q.weight_scale, s)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(torch.randint(8, 264, (1, 8))).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8", "int4", "fp8"])
@@ -151,8 +187,8 @@ def test_missing_scales_one_line(fmt, key):
 def test_bad_input_one_line():
     lin = make_linear()
     with pytest.raises(ConfigError) as e:
-        QuantLinear.from_linear(lin, "int3")
-    assert "unknown quantization format 'int3'" in str(e.value) and "\n" not in str(e.value)
+        QuantLinear.from_linear(lin, "int5")
+    assert "unknown quantization format 'int5'" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="group size 48 does not divide its width 128"):
         QuantLinear.from_linear(lin, "int4", group_size=48, name="layer.x")
     with pytest.raises(ConfigError, match="per-channel"):

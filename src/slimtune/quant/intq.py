@@ -1,16 +1,21 @@
-"""Integer and fp8 weight-only formats for a linear weight W (out, in): INT8, INT4 group-wise, FP8 e4m3.
+"""Integer and fp8 weight-only formats for a linear weight W (out, in): INT8, INT2/3/4 group-wise, FP8 e4m3.
 
 INT8: per output channel, symmetric: SCB[r] = max|W[r]| (bitsandbytes' name), q = round(W * 127 / SCB) in int8,
 W ~ q * SCB / 127. INT4: per row and per group of G input columns, asymmetric: scale = (max - min) / 15,
 zero = round(-min / scale) in 0..15, q = clamp(round(W / scale) + zero, 0, 15), W ~ (q - zero) * scale; two codes per
-byte, column 2j in the high nibble (as NF4). FP8: per output channel, scale = max|W[r]| / 448, q = W / scale cast to
+byte, column 2j in the high nibble (as NF4); INT2 / INT3 likewise with 2^k - 1 levels, packed most significant code
+first (4 codes per byte; 8 codes per 3 bytes). FP8: per output channel, scale = max|W[r]| / 448, q = W / scale cast to
 float8_e4m3fn (round to nearest even), W ~ q * scale.
 
 API: `quantize_int8(w, name) -> (q, SCB)`, `dequantize_int8(q, SCB, dtype)`, `quantize_int4(w, group_size, name) ->
 (packed, scales, zeros)`, `dequantize_int4(packed, scales, zeros, dtype)`, `quantize_fp8(w, name) -> (q, scale)`,
-`dequantize_fp8(q, scale, dtype)`, `check_group(name, width, group_size)`, `pack_nibbles(c)`, `unpack_nibbles(p)`.
+`dequantize_fp8(q, scale, dtype)`, `quantize_intk(w, bits, group_size, name)` / `dequantize_intk(packed, scales,
+zeros, bits, dtype)` (bits 2, 3 or 4), `check_group(name, width, group_size)`, `pack_nibbles(c)`, `unpack_nibbles(p)`,
+`pack_bits(c, bits)`, `unpack_bits(p, bits)`.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -67,33 +72,80 @@ def dequantize_int8(q: Tensor, scb: Tensor, dtype: torch.dtype = torch.float32) 
     return (q.float() * (scb / 127.0)[:, None]).to(dtype)
 
 
-def quantize_int4(w: Tensor, group_size: int = 64, name: str = "weight") -> tuple[Tensor, Tensor, Tensor]:
-    """Group-wise asymmetric int4 with a zero point.
+def pack_bits(c: Tensor, bits: int) -> Tensor:
+    """uint8 codes < 2^bits along the last dim -> packed uint8, most significant code first.
+
+    Every 8 / gcd(8, bits) codes fill bits / gcd(8, bits) whole bytes (int3: 8 codes -> 3 bytes); for bits 4 this is
+    the nibble layout of `pack_nibbles`. The last dim must be a multiple of 8 / gcd(8, bits).
+    """
+    per = 8 // math.gcd(8, bits)
+    nbytes = per * bits // 8
+    *lead, n = c.shape
+    shifts = torch.arange(per - 1, -1, -1, device=c.device) * bits
+    word = (c.reshape(*lead, n // per, per).to(torch.int64) << shifts).sum(-1)  # (..., n / per) words
+    bshift = torch.arange(nbytes - 1, -1, -1, device=c.device) * 8
+    return ((word[..., None] >> bshift) & 255).to(torch.uint8).reshape(*lead, n // per * nbytes)
+
+
+def unpack_bits(p: Tensor, bits: int) -> Tensor:
+    """Inverse of `pack_bits`: uint8 codes, last dim = packed bytes * 8 / bits."""
+    per = 8 // math.gcd(8, bits)
+    nbytes = per * bits // 8
+    *lead, m = p.shape
+    bshift = torch.arange(nbytes - 1, -1, -1, device=p.device) * 8
+    word = (p.reshape(*lead, m // nbytes, nbytes).to(torch.int64) << bshift).sum(-1)
+    shifts = torch.arange(per - 1, -1, -1, device=p.device) * bits
+    return ((word[..., None] >> shifts) & (2 ** bits - 1)).to(torch.uint8).reshape(*lead, m // nbytes * per)
+
+
+def quantize_intk(w: Tensor, bits: int = 4, group_size: int = 64, name: str = "weight") -> tuple[Tensor, Tensor,
+                                                                                                   Tensor]:
+    """Group-wise asymmetric k-bit integers (k = 2, 3, 4) with a zero point; L = 2^k - 1 levels above 0.
+
+    scale = (max - min) / L over each group of `group_size` input columns (the range widened to hold 0),
+    zero = round(-min / scale), q = clamp(round(W / scale) + zero, 0, L).
 
     Returns:
-        packed uint8 (out, in // 2), scales fp32 (out, in // G), zeros uint8 (out, in // G), 0..15.
+        packed uint8 (out, in * k / 8), scales fp32 (out, in // G), zeros uint8 (out, in // G).
 
     Raises:
-        ConfigError: `w` is not 2-D float, or `group_size` does not divide the width.
+        ConfigError: `w` is not 2-D float, `group_size` does not divide the width, or the width does not pack.
     """
     _check_2d(name, w)
     out_f, in_f = w.shape
     check_group(name, in_f, group_size)
+    per = 8 // math.gcd(8, bits)
+    if in_f % per:
+        raise ConfigError(f"layer {name}: width {in_f} is not a multiple of {per}, needed to pack int{bits} codes")
+    levels = 2 ** bits - 1
     g = w.detach().float().view(out_f, in_f // group_size, group_size)  # (out, groups, G)
     lo = g.amin(-1).clamp(max=0.0)  # the range always holds 0, so zero is exact
     hi = g.amax(-1).clamp(min=0.0)
-    scale = (hi - lo) / 15.0
+    scale = (hi - lo) / levels
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    zero = torch.round(-lo * inv).clamp_(0, 15)
-    q = torch.round(g * inv[..., None]).add_(zero[..., None]).clamp_(0, 15).to(torch.uint8)
-    return pack_nibbles(q.view(out_f, in_f)), scale, zero.to(torch.uint8)
+    zero = torch.round(-lo * inv).clamp_(0, levels)
+    q = torch.round(g * inv[..., None]).add_(zero[..., None]).clamp_(0, levels).to(torch.uint8).view(out_f, in_f)
+    packed = pack_nibbles(q) if bits == 4 else pack_bits(q, bits)
+    return packed, scale, zero.to(torch.uint8)
+
+
+def dequantize_intk(packed: Tensor, scales: Tensor, zeros: Tensor, bits: int = 4,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """W ~ (q - zero) * scale per group (group size = in // scales.shape[1]), rounded once to `dtype`."""
+    out_f, groups = scales.shape
+    q = unpack_nibbles(packed) if bits == 4 else unpack_bits(packed, bits)
+    q = q.view(out_f, groups, -1).float()
+    return ((q - zeros.float()[..., None]) * scales[..., None]).view(out_f, -1).to(dtype)
+
+
+def quantize_int4(w: Tensor, group_size: int = 64, name: str = "weight") -> tuple[Tensor, Tensor, Tensor]:
+    """`quantize_intk(w, 4, group_size, name)`: packed uint8 (out, in // 2), scales, zeros."""
+    return quantize_intk(w, 4, group_size, name)
 
 
 def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """W ~ (q - zero) * scale per group (group size = in // scales.shape[1]), rounded once to `dtype`."""
-    out_f, groups = scales.shape
-    q = unpack_nibbles(packed).view(out_f, groups, -1).float()
-    return ((q - zeros.float()[..., None]) * scales[..., None]).view(out_f, -1).to(dtype)
+    """`dequantize_intk(..., bits=4)`."""
+    return dequantize_intk(packed, scales, zeros, 4, dtype)
 
 
 def quantize_fp8(w: Tensor, name: str = "weight") -> tuple[Tensor, Tensor]:

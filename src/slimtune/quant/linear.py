@@ -1,7 +1,8 @@
 """`QuantLinear`: a frozen linear layer holding only its packed weight and scales, dequantized on the fly.
 
 Formats: nf4 / fp4 (block-wise, optional double quantization; state dict = bitsandbytes `Linear4bit` keys), int8
-(per channel; `weight` int8 + `SCB`), int4 (group-wise; `weight` uint8 (out, in/2) + `scales` + `zeros`), fp8
+(per channel; `weight` int8 + `SCB`), int4 / int3 / int2 (group-wise; `weight` uint8 (out, in * k / 8) + `scales` +
+`zeros`), fp8
 (e4m3 per channel; `weight` + `weight_scale` (out, 1)), w8a8 (int8 weights and dynamic per-token int8 activations,
 integer matmul) and ternary (BitNet b1.58 export; `weight` uint8 (out, in/4) + `weight_scale`). The forward runs
 through an autograd function that re-dequantizes in the backward instead of saving the 16-bit weight, so gradients
@@ -17,6 +18,7 @@ skip=("lm_head",), device="meta") -> list[str]` (empty layers to load a quantize
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -29,13 +31,14 @@ from slimtune.quant.bitnet import act_quant_int8, pack_ternary, ternary_quant, u
 from slimtune.quant.blockwise import (FORMATS_4BIT, Quant4bit, _check_block, dequantize_4bit, from_bnb_state_dict,
                                       quantize_4bit, to_bnb_state_dict)
 from slimtune.quant.guard import outlier_message, scan_weight
-from slimtune.quant.intq import (check_group, dequantize_fp8, dequantize_int4, dequantize_int8, quantize_fp8,
-                                 quantize_int4, quantize_int8)
+from slimtune.quant.intq import (check_group, dequantize_fp8, dequantize_int8, dequantize_intk, quantize_fp8,
+                                 quantize_int8, quantize_intk)
 
-QUANT_FORMATS = ("nf4", "fp4", "int8", "int4", "fp8", "w8a8", "ternary")
-DEFAULT_GROUP = {"nf4": 64, "fp4": 64, "int4": 64}
-_SCALE_KEYS = {"int8": ("SCB",), "w8a8": ("SCB",), "int4": ("scales", "zeros"), "fp8": ("weight_scale",),
-               "ternary": ("weight_scale",)}
+QUANT_FORMATS = ("nf4", "fp4", "int8", "int4", "int3", "int2", "fp8", "w8a8", "ternary")
+INT_BITS = {"int4": 4, "int3": 3, "int2": 2}  # group-wise asymmetric formats
+DEFAULT_GROUP = {"nf4": 64, "fp4": 64, "int4": 64, "int3": 64, "int2": 64}
+_SCALE_KEYS = {"int8": ("SCB",), "w8a8": ("SCB",), "fp8": ("weight_scale",), "ternary": ("weight_scale",),
+               **{f: ("scales", "zeros") for f in INT_BITS}}
 
 
 def _buffers(fmt: str, out_f: int, in_f: int, group: int | None, dq: bool, device) -> dict[str, Tensor]:
@@ -51,8 +54,8 @@ def _buffers(fmt: str, out_f: int, in_f: int, group: int | None, dq: bool, devic
         return b
     if fmt in ("int8", "w8a8"):
         return {"weight": torch.empty(out_f, in_f, dtype=torch.int8, **kw), "SCB": torch.empty(out_f, dtype=f32, **kw)}
-    if fmt == "int4":
-        return {"weight": torch.empty(out_f, in_f // 2, dtype=u8, **kw),
+    if fmt in INT_BITS:
+        return {"weight": torch.empty(out_f, in_f * INT_BITS[fmt] // 8, dtype=u8, **kw),
                 "scales": torch.empty(out_f, in_f // group, dtype=f32, **kw),
                 "zeros": torch.empty(out_f, in_f // group, dtype=u8, **kw)}
     if fmt == "fp8":
@@ -72,8 +75,11 @@ def _check_args(fmt: str, in_f: int, group: int | None, name: str) -> int | None
             raise ConfigError(f"layer {name}: width {in_f} is not a multiple of 4, needed to pack ternary weights")
         return None
     group = DEFAULT_GROUP[fmt] if group is None else group
-    if fmt == "int4":
+    if fmt in INT_BITS:
         check_group(name, in_f, group)
+        per = 8 // math.gcd(8, INT_BITS[fmt])
+        if in_f % per:
+            raise ConfigError(f"layer {name}: width {in_f} is not a multiple of {per}, needed to pack {fmt} codes")
     else:
         _check_block(group, f"layer {name}: block size")
     return group
@@ -141,8 +147,8 @@ class QuantLinear(nn.Module):
                 bufs.update(nested_absmax=q.nested_absmax, nested_offset=q.nested_offset)
         elif fmt in ("int8", "w8a8"):
             bufs = dict(zip(("weight", "SCB"), quantize_int8(w, name)))
-        elif fmt == "int4":
-            bufs = dict(zip(("weight", "scales", "zeros"), quantize_int4(w, m.group_size, name)))
+        elif fmt in INT_BITS:
+            bufs = dict(zip(("weight", "scales", "zeros"), quantize_intk(w, INT_BITS[fmt], m.group_size, name)))
         elif fmt == "fp8":
             bufs = dict(zip(("weight", "weight_scale"), quantize_fp8(w, name)))
         else:
@@ -178,8 +184,8 @@ class QuantLinear(nn.Module):
             return dequantize_4bit(self._q4(), dtype)
         if self.fmt in ("int8", "w8a8"):
             return dequantize_int8(self.weight, self.SCB, dtype)
-        if self.fmt == "int4":
-            return dequantize_int4(self.weight, self.scales, self.zeros, dtype)
+        if self.fmt in INT_BITS:
+            return dequantize_intk(self.weight, self.scales, self.zeros, INT_BITS[self.fmt], dtype)
         if self.fmt == "fp8":
             return dequantize_fp8(self.weight, self.weight_scale, dtype)
         return (unpack_ternary(self.weight).float() * self.weight_scale).to(dtype)
@@ -200,6 +206,20 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return _QuantMatmul.apply(x, self.bias, self)
+
+    def _apply(self, fn, recurse=True):
+        # packed weights and scales keep their dtypes: `.to(torch.bfloat16)` / `.half()` on the model must not round
+        # the fp32 scales or re-encode fp8 codes; they still follow device moves, through a byte view
+        kept = {}
+        for k, b in self._buffers.items():
+            if b is not None and b.is_floating_point():
+                kept[k] = (b.dtype, b.shape)
+                self._buffers[k] = b.reshape(-1).view(torch.uint8)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for k, (dt, shape) in kept.items():
+                self._buffers[k] = self._buffers[k].view(dt).reshape(shape)
 
     def nbytes(self) -> int:
         """Bytes held: the packed weight and its scales (and the bias). This is the layer's memory."""
