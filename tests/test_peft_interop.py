@@ -48,6 +48,7 @@ CONFIGS = {
     "rslora-patterns": dict(r=8, lora_alpha=16, target_modules="all-linear", use_rslora=True,
                             rank_pattern={"down_proj": 2}, alpha_pattern={"layers.1.self_attn.o_proj": 4}),
     "layers": dict(r=2, lora_alpha=2, target_modules=["q_proj", "up_proj"], layers_to_transform=[1]),
+    "modules_to_save": dict(r=2, lora_alpha=4, target_modules=["v_proj"], modules_to_save=["lm_head"]),
 }
 
 
@@ -57,6 +58,9 @@ def test_slimtune_adapter_loads_in_peft_with_same_logits(name, tmp_path):
     model = hf_llama()
     P.apply_method(model, {"method": "lora", **CONFIGS[name]})
     randomize_slimtune(model)
+    if name == "modules_to_save":
+        with torch.no_grad():
+            model.lm_head.modules_to_save["default"].weight.mul_(1.3)
     y = model(x).logits
     with P.disable_adapters(model):
         assert (model(x).logits - y).abs().max() > 1e-3

@@ -306,3 +306,25 @@ def test_target_selection():
     P.apply_method(model, lora())
     assert "model.layers.0.self_attn.q_proj" in find_targets(model, "all-linear")  # wrapped: still by its name
     assert not any("base_layer" in p or "lora_" in p for p in find_targets(model, "all-linear"))
+
+
+def test_lora_on_slimtune_quantlinear():
+    """QLoRA's layout: LoraLinear over a QuantLinear (no float weight); forward adds the fp32 update, merge
+    dequantizes once into a dense layer."""
+    quant = pytest.importorskip("slimtune.quant.linear")
+    torch.manual_seed(0)
+    q = quant.QuantLinear.from_linear(nn.Linear(128, 64), "nf4")
+    layer = LoraLinear(q)
+    for dora in (False, True):
+        layer.add("a", r=4, alpha=8, dora=dora)
+        layer.set_active(["a"])
+        with torch.no_grad():
+            layer.lora_B["a"].weight.normal_(0, 0.2)
+        x = torch.randn(3, 128)
+        ref = x @ (q.dequantize(torch.float32) + 2.0 * layer.lora_B["a"].weight @ layer.lora_A["a"].weight).T + q.bias
+        if not dora:
+            assert (layer(x) - ref).abs().max() < 1e-5
+        y = layer(x)
+        assert layer.lora_A["a"].weight.dtype == torch.float32
+    layer.merge()
+    assert isinstance(layer.base_layer, nn.Linear) and (layer(x) - y).abs().max() < 1e-5

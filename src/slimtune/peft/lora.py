@@ -19,6 +19,11 @@ from slimtune.peft.base import (AdapterLayer, MethodConfig, MethodSpec, add_modu
 from slimtune.peft.targets import find_targets, replace_module
 
 
+# PEFT LoRA options that change what the adapter computes; an adapter that sets one is refused rather than misread
+UNSUPPORTED_PEFT_OPTIONS = ("lora_bias", "target_parameters", "trainable_token_indices", "layer_replication",
+                            "use_qalora", "alora_invocation_tokens", "megatron_config", "arrow_config")
+
+
 @dataclass
 class LoraConfig(MethodConfig):
     """LoRA's options, with PEFT's names and meanings (adapter_config.json)."""
@@ -63,6 +68,14 @@ class LoraConfig(MethodConfig):
         if isinstance(t, str) and t != "all-linear" and re.fullmatch(r"[A-Za-z0-9_.\-,]+", t):
             d["target_modules"] = [x for x in t.split(",") if x]
         return d
+
+    @classmethod
+    def from_peft_json(cls, d: dict[str, Any]) -> "LoraConfig":
+        """As MethodConfig's, but refusing PEFT options that change the computation and slimtune does not implement."""
+        for k in UNSUPPORTED_PEFT_OPTIONS:
+            if d.get(k):
+                raise ConfigError(f"the adapter uses PEFT option {k}={d[k]!r}, which slimtune does not support")
+        return super().from_peft_json(d)
 
     def rank_alpha(self, path: str) -> tuple[int, float]:
         """(r, alpha) of module `path`: the first rank_pattern / alpha_pattern key that matches its end (as PEFT)."""
