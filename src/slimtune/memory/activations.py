@@ -1,0 +1,183 @@
+"""Bytes of the tensors autograd saves for backward in slimtune's `Decoder`, counted operation by operation.
+
+Each rule names the op and what PyTorch's derivative formula keeps (autograd saves an input only when the gradient
+that needs it is required): `linear` keeps its input (for dW) and its weight (for dx); `pow`/`mul` of RMSNorm keep the
+fp32 upcast and the 1/rms; `silu` keeps its input; `a * b` keeps both; flash / memory-efficient SDPA keeps q, k, v,
+the output and the fp32 logsumexp; `log_softmax` keeps its output. Tensors shared by several ops count once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from slimtune.models.config import ModelConfig
+
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Regime:
+    """Bytes per element of each activation stream, and who trains.
+
+    resid: the residual stream (the embedding's dtype; RoPE's cos/sin share it). compute: matmul / SDPA outputs (the
+    autocast dtype, else the weights'). norm_out: RMSNorm outputs = promote(norm weight, resid). autocast: a linear
+    whose input dtype differs from `compute` casts it, one copy per linear. adapter: bytes of the LoRA weights. trainable: names of block linears whose
+    base weight trains; adapters: block linear -> LoRA rank; norms / embed / head: those parameters train.
+    attention: 'flash' | 'efficient' | 'math'. lora_dropout > 0 adds a dropout output and mask per adapter.
+    """
+
+    resid: int
+    compute: int
+    norm_out: int
+    autocast: bool = False
+    adapter: int = 4
+    dropout_mask: int = 1  # bytes per element of dropout's saved mask: 1 (CUDA, bool); 0 = the input's dtype (CPU)
+    trainable: frozenset = frozenset()
+    adapters: dict = field(default_factory=dict)
+    norms: bool = False
+    embed: bool = False
+    head: bool = False
+    attention: str = "flash"
+    lora_dropout: float = 0.0
+
+    def saves_input(self, name: str) -> bool:
+        return name in self.trainable or name in self.adapters
+
+
+def _dims(cfg: ModelConfig) -> tuple[int, int, int, int, int]:
+    hd = cfg.head_dim
+    return cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, hd
+
+
+def norm_saved(rows: int, dim: int, x_bytes: int, weight_trains: bool, x_grad: bool) -> dict[str, int]:
+    """RMSNorm y = w * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype): pow and mul keep the fp32 x (rows, dim) and
+    mul keeps 1/rms (rows, 1) when x needs a gradient; w * xn keeps xn (rows, dim) in x's dtype when w trains."""
+    out = {}
+    if x_grad:
+        out["norm_x_fp32"] = rows * dim * 4
+        out["norm_rsqrt"] = rows * 4
+    if weight_trains:
+        out["norm_xn"] = rows * dim * x_bytes
+    return out
+
+
+def _linear_inputs(names: tuple[str, ...], rows: int, dim: int, in_bytes: int, r: Regime,
+                   x_counted: bool = False, x_grad: bool = True) -> int:
+    """Inputs kept by the linears `names` that share one input x (q/k/v, or gate/up, or one linear).
+
+    A trained base linear keeps x (or, under autocast with x not in the compute dtype, its own cast copy). A LoRA
+    adapter computes A(dropout(x.to(A.dtype))): it shares x when nothing changes it; otherwise it keeps its own tensor
+    (the upcast, the dropout output, or autocast's copy of them in the compute dtype), plus dropout's mask (bool on
+    CUDA's fused dropout; on the CPU a noise tensor in x's dtype), kept only when x needs a gradient. x_counted: x is
+    already kept by another op.
+    """
+    el = rows * dim
+    cast = r.autocast and in_bytes != r.compute
+    base = sum(1 for n in names if n in r.trainable)
+    shared = base > 0 and not cast
+    total = base * el * r.compute if cast else 0
+    for n in names:
+        if n not in r.adapters:
+            continue
+        a_in = r.adapter  # x.to(A.weight.dtype): a new tensor unless the dtypes agree
+        if r.lora_dropout > 0 and x_grad:
+            total += el * (r.dropout_mask or a_in)
+        if r.autocast and a_in != r.compute:
+            total += el * r.compute
+        elif a_in != in_bytes or r.lora_dropout > 0:
+            total += el * a_in
+        else:
+            shared = True
+    return total + (el * in_bytes if shared and not x_counted else 0)
+
+
+def block_saved(cfg: ModelConfig, batch: int, seq: int, r: Regime, x_grad: bool = True) -> dict[str, int]:
+    """Saved-for-backward bytes of one decoder block, by op (keys sum to the block's total).
+
+    x_grad: whether the block input needs a gradient (False for the first block when the embedding is frozen).
+    """
+    d, f, qd, kvd, hd = _dims(cfg)
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    N, c = batch * seq, r.compute
+    s: dict[str, int] = {}
+
+    def add(key: str, v: int) -> None:
+        if v:
+            s[key] = s.get(key, 0) + v
+
+    # attention half: x -> input_layernorm -> q/k/v -> (qk_norm) -> RoPE -> SDPA -> o_proj
+    for k, v in norm_saved(N, d, r.resid, r.norms, x_grad).items():
+        add("attn_" + k, v)
+    h_grad = x_grad or r.norms
+    add("qkv_input", _linear_inputs(("q_proj", "k_proj", "v_proj"), N, d, r.norm_out, r, x_grad=h_grad))
+    for n, out in (("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd), ("o_proj", d)):
+        if n in r.adapters:  # lora_B keeps A's output (N, rank)
+            add("lora_hidden", N * r.adapters[n] * (c if r.autocast else r.adapter))
+    qkv_grad = h_grad or any(r.saves_input(n) for n in ("q_proj", "k_proj", "v_proj"))
+    if cfg.qk_norm and qkv_grad:  # per-head RMSNorm over hd of q (N*nh rows) and k (N*nkv rows), input in `c`
+        for k, v in {**norm_saved(N * nh, hd, c, r.norms, True)}.items():
+            add("qk_" + k, v)
+        for k, v in norm_saved(N * nkv, hd, c, r.norms, True).items():
+            add("qk_" + k, v)
+    # RoPE: q*cos and rotate_half(q)*sin keep only cos/sin (shared by all layers, counted in shared_saved)
+    if qkv_grad:
+        if r.attention == "math":  # q @ k^T (k expanded to nh heads), softmax keeps (B, nh, T, T), @ v keeps both
+            add("sdpa_qkv", N * (qd + qd + qd) * c)
+            add("sdpa_probs", batch * nh * seq * seq * c)
+        else:
+            add("sdpa_qkv", N * (qd + 2 * kvd) * c)
+            lse_t = seq if r.attention == "flash" else -(-seq // 32) * 32
+            add("sdpa_logsumexp", batch * nh * lse_t * 4)
+        add("sdpa_out", N * qd * c)  # also o_proj's input (same storage)
+    add("o_input", _linear_inputs(("o_proj",), N, qd, c, r, x_counted=qkv_grad))
+    # MLP half: x1 -> post_attention_layernorm -> gate/up -> act -> * -> down
+    x1_grad = qkv_grad or any(r.saves_input(n) for n in BLOCK_LINEARS[:4])
+    for k, v in norm_saved(N, d, r.resid, r.norms, x1_grad).items():
+        add("mlp_" + k, v)
+    if cfg.mlp_gated:
+        add("gate_up_input", _linear_inputs(("gate_proj", "up_proj"), N, d, r.norm_out, r))
+        add("act_input", N * f * c)  # silu keeps gate's output
+        add("act_out_and_up", 2 * N * f * c)  # act(g) * u keeps both factors
+    else:
+        add("gate_up_input", _linear_inputs(("up_proj",), N, d, r.norm_out, r))
+        add("act_input", N * f * c)
+    for n in ("gate_proj", "up_proj", "down_proj"):
+        if n in r.adapters:
+            add("lora_hidden", N * r.adapters[n] * (c if r.autocast else r.adapter))
+    add("down_input", _linear_inputs(("down_proj",), N, f, c, r))
+    return s
+
+
+def shared_saved(cfg: ModelConfig, batch: int, seq: int, r: Regime) -> dict[str, int]:
+    """Saved once per forward: token ids (int64, by the embedding) and RoPE's cos and sin (B, T, hd) in resid dtype."""
+    out = {"token_ids": batch * seq * 8} if r.embed else {}
+    if not cfg.learned_positions:
+        out["rope_cos_sin"] = 2 * batch * seq * cfg.head_dim * r.resid
+    return out
+
+
+def head_saved(cfg: ModelConfig, batch: int, seq: int, r: Regime) -> dict[str, int]:
+    """The final norm and lm_head: fp32 x and 1/rms (+ xn if the norm trains), lm_head's input if the head trains."""
+    N, d = batch * seq, cfg.hidden_size
+    s = {"final_" + k: v for k, v in norm_saved(N, d, r.resid, r.norms, True).items()}
+    if r.head:
+        cast = r.autocast and r.norm_out != r.compute
+        s["head_input"] = N * d * (r.compute if cast else r.norm_out)
+    return s
+
+
+def block_backward_transient(cfg: ModelConfig, batch: int, seq: int, r: Regime) -> int:
+    """The largest set of activation gradients alive at once inside one block's backward (beyond its saved tensors).
+
+    MLP: dL/dm (N, f) exists while dL/d(act) and dL/du (N, f) are formed, and m is already freed: + 2 N f.
+    Attention (flash backward): dq, dk, dv plus an fp32 dq accumulator (N, q) and, with grouped heads, dk/dv expanded
+    to all heads (N, q) each before the reduction. Both also hold dL/dx (N, d).
+    """
+    d, f, qd, kvd, _ = _dims(cfg)
+    N, c = batch * seq, r.compute
+    mlp = 2 * N * f * c if cfg.mlp_gated else N * f * c
+    attn = N * (qd + 2 * kvd) * c + N * qd * 4
+    if cfg.num_key_value_heads != cfg.num_attention_heads:
+        attn += 2 * N * qd * c
+    if r.attention == "math":
+        attn += 2 * batch * cfg.num_attention_heads * seq * seq * c
+    return max(mlp, attn) + N * d * c
