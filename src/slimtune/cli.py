@@ -17,6 +17,8 @@ COMMANDS: dict[str, str] = {
     "formats": "slimtune.commands.formats",
     "merge": "slimtune.commands.merge",
     "merge-adapter": "slimtune.commands.adapter",
+    "memory": "slimtune.commands.memory",
+    "plan": "slimtune.commands.plan",
 }
 
 

@@ -185,10 +185,11 @@ def estimate(cfg: ModelConfig, method: str = "lora", precision: str = "bf16-mixe
     cast_head = head_w * c if autocast and wb != c else 0
     if autocast and ab != c:  # adapters (leaves that train) are cast once per forward and cached
         cast_head += adapters // ab * c
-    NV = N * V
+    # the loop's loss (data.causal_lm_loss): logits[:, :-1].float() -> cross_entropy, after the autocast context
+    NV, NVp = N * V, batch * (seq - 1) * V
     logits = NV * c if keep_logits else 0
-    logp = NV * 4 + N * 8 + 4  # log_softmax's fp32 output; nll_loss keeps the int64 targets and the weight sum
-    upcast = NV * 4 if c != 4 else 0  # logits.float(), alive while log_softmax runs
+    logp = NVp * 4 + N * 8 + 4  # log_softmax's fp32 output; nll_loss keeps the int64 targets and the weight sum
+    upcast = NVp * 4 if c != 4 else 0  # the fp32 copy, alive while log_softmax runs
     trans = block_backward_transient(cfg, batch, seq, r)
     if full and autocast and wb != c:  # dW from the matmul in `c`, then its cast to the fp32 .grad
         trans += max_linear * c
@@ -211,10 +212,12 @@ def estimate(cfg: ModelConfig, method: str = "lora", precision: str = "bf16-mixe
     phases: dict[str, dict[str, int]] = {}
     fwd_act = held(L) + shared + head
     phases["forward_end"] = dict(activations=fwd_act, autocast_copies=L * cast_blk + cast_head,
-                                 logits_loss=NV * c + logp + upcast, gradients=0, temporary=0)
-    bwd_cast = (0 if grad_ckpt else L * cast_blk) + cast_head
+                                 logits_loss=NV * c, gradients=0, temporary=0)
+    bwd_cast = (0 if grad_ckpt else L * cast_blk) + cast_head  # autocast's cache is gone; the graph's copies stay
+    phases["loss_forward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=NV * c + upcast + logp,
+                                  gradients=0, temporary=0)
     phases["loss_backward"] = dict(activations=fwd_act, autocast_copies=bwd_cast,
-                                   logits_loss=logits + logp + 2 * NV * 4, gradients=0, temporary=0)
+                                   logits_loss=logits + logp + 2 * NVp * 4, gradients=0, temporary=0)
     head_tmp = head_w * c if (full and autocast and wb != c) else 0
     phases["head_backward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=logits + NV * c,
                                    gradients=g_head, temporary=head_tmp + N * cfg.hidden_size * c)

@@ -1,0 +1,81 @@
+"""`slimtune memory`: the predicted peak GPU memory of a fine-tuning step (or of generation), component by component."""
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "predict peak GPU memory of training (or generation) for a model shape, method and precision"
+COMPONENTS = ("weights", "trainable", "gradients", "optimizer", "activations", "autocast_copies", "logits_loss",
+              "temporary", "kv_cache", "workspace")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--shape", help="a named shape (slimtune shapes)")
+    g.add_argument("--model", help="a Hugging Face model folder (its config.json is read; no weights loaded)")
+
+
+def resolve_config(args: argparse.Namespace):
+    """The ModelConfig of --shape or --model (raises SlimtuneError with one line on a bad name or folder)."""
+    from pathlib import Path
+
+    from slimtune.models.config import ModelConfig
+    from slimtune.models.shapes import get_shape
+
+    if args.shape:
+        return get_shape(args.shape)
+    path = Path(args.model)
+    return ModelConfig.from_file(path / "config.json" if path.is_dir() else path)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--method", default="lora", help="full | lora | qlora (default lora)")
+    p.add_argument("--precision", default="bf16-mixed", help="fp32 | bf16-mixed | fp16-mixed | bf16-true")
+    p.add_argument("--optimizer", default="adamw", help="adamw | adamw8bit | sgd")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--offload", default=None, help="activations | optimizer")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--weight-dtype", default=None, help="base weights: fp32, bf16, fp16, or nf4, int8, int4, fp8")
+    p.add_argument("--grad-dtype", default=None)
+    p.add_argument("--optim-state-dtype", default=None)
+    p.add_argument("--attention", default="flash", help="flash | efficient | math (SDPA backend)")
+    p.add_argument("--generate", action="store_true", help="generation instead of training: weights + KV cache")
+    p.add_argument("--context", type=int, default=None, help="KV-cache length for --generate")
+    p.add_argument("--json", action="store_true")
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    from slimtune.errors import ConfigError
+    from slimtune.memory import estimate
+
+    if args.rank <= 0:
+        raise ConfigError(f"--rank must be a positive integer, got {args.rank}")
+    cfg = resolve_config(args)
+    e = estimate(cfg, args.method, args.precision, args.optimizer, args.batch, args.seq, args.grad_ckpt,
+                 offload=args.offload, lora_rank=args.rank, lora_targets=tuple(args.targets.split(",")),
+                 weight_dtype=args.weight_dtype, grad_dtype=args.grad_dtype, optim_state_dtype=args.optim_state_dtype,
+                 attention=args.attention, generate=args.generate, context=args.context)
+    if args.json:
+        print(json.dumps(e))
+        return 0
+    what = "generation" if args.generate else f"{args.method}, {args.precision}, {args.optimizer}"
+    print(f"peak GPU memory: {gib(e['total_bytes'])} ({what}, batch {args.batch} x seq {args.seq}"
+          f"{', checkpointing' if args.grad_ckpt else ''}{', offload ' + args.offload if args.offload else ''}); "
+          f"peak during {e['peak_phase']}")
+    for k in COMPONENTS:
+        v = e.get(f"{k}_bytes", 0)
+        if v:
+            mark = "  <== dominant" if k == e["dominant"] else ""
+            print(f"  {k:<16}{gib(v):>14}{100 * v / e['total_bytes']:>7.1f}%{mark}")
+    print(f"  weights + gradients + optimizer states: {gib(e['static_bytes'])}; CUDA context (~0.5 GiB) not counted")
+    if e.get("host_bytes"):
+        print(f"  pinned host memory for offloading: {gib(e['host_bytes'])}")
+    return 0
