@@ -121,3 +121,24 @@ def test_trainable_count_equals_peft(kw):
     pm = peft.get_peft_model(hf_llama(), peft.LoraConfig(lora_alpha=8, task_type="CAUSAL_LM", **kw))
     trainable, total = pm.get_nb_trainable_parameters()
     assert (mine["trainable"], mine["total"]) == (trainable, total)
+
+
+def test_combined_adapter_loads_in_peft(tmp_path):
+    """A 'cat' combination (per-module ranks, written as exact paths + rank_pattern) is a plain LoRA to PEFT."""
+    x = ids()
+    model = hf_llama()
+    P.apply_method(model, {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "a")
+    P.apply_method(model, {"method": "lora", "r": 2, "lora_alpha": 2, "target_modules": ["v_proj", "up_proj"]}, "b")
+    randomize_slimtune(model)
+    P.combine_adapters(model, ["a", "b"], [0.6, 0.9], mode="cat", new_name="ab")
+    P.set_adapter(model, "ab")
+    y = model(x).logits
+    P.set_adapter(model, ["a", "b"])
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraLinear):
+                m.scaling = {**m.scaling, "a": m.scaling.get("a", 0) * 0.6, "b": m.scaling.get("b", 0) * 0.9}
+    assert (model(x).logits - y).abs().max() <= 1e-5  # cat == the weighted sum of the two adapters
+    P.save_adapter(model, tmp_path / "ab", "ab")
+    pm = peft.PeftModel.from_pretrained(hf_llama(), str(tmp_path / "ab")).eval()
+    assert (pm(x).logits - y).abs().max() <= 1e-5

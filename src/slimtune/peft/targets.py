@@ -14,7 +14,7 @@ from slimtune.peft.base import AdapterLayer
 
 ALL_LINEAR = "all-linear"
 OUTPUT_HEADS = ("lm_head", "embed_out", "output", "score")  # never part of 'all-linear'
-LAYER_CONTAINERS = ("layers", "h", "blocks", "layer", "decoder.layers")  # ...<container>.<index>.<rest>
+LAYER_CONTAINERS = ("layers", "h", "block", "blocks", "layer")  # PEFT's common layer containers  # ...<container>.<index>.<rest>
 
 
 def is_linear(m: nn.Module) -> bool:
