@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "shapes": "slimtune.commands.shapes",
     "convert": "slimtune.commands.convert",
     "formats": "slimtune.commands.formats",
+    "params": "slimtune.commands.params",
     "merge": "slimtune.commands.merge",
     "merge-adapter": "slimtune.commands.adapter",
     "memory": "slimtune.commands.memory",

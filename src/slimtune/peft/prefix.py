@@ -1,0 +1,183 @@
+"""Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation"): P trainable key
+and value vectors at every layer that every query attends to; optionally produced during training by an MLP from P
+smaller embeddings (the paper's reparameterisation), folded into plain prefixes afterwards.
+
+Enters slimtune's Decoder through each `Attention.prefix` hook. File: PEFT's `prompt_embeddings` of shape
+(P, 2 L nkv hd), whose last axis is laid out as (layer, k|v, kv head, head dim), PEFT's past_key_values order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from slimtune.errors import ConfigError
+from slimtune.peft.base import MethodConfig, MethodSpec, check_rank, register
+from slimtune.peft.prompt import get_encoder, parameters, prompt_modules
+
+
+@dataclass
+class PrefixTuningConfig(MethodConfig):
+    """PEFT's PrefixTuningConfig fields: num_virtual_tokens P; prefix_projection: produce the prefixes with an MLP
+    (Linear(d, h), tanh, Linear(h, 2 L nkv hd)) while training; encoder_hidden_size h (default d); init_weights
+    'zero' starts the prefixes (or the MLP's last layer) at zero, None draws them from normal(0, 1) as PEFT.
+    token_dim (nkv hd), num_layers and num_attention_heads (nkv) are filled from the model by `apply`."""
+
+    method = "prefix"
+    peft_type = "PREFIX_TUNING"
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = None
+    init_weights: str | None = None
+    token_dim: int | None = None
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_transformer_submodules: int = 1
+    task_type: str = "CAUSAL_LM"
+
+    def validate(self) -> None:
+        check_rank(self.num_virtual_tokens, "num_virtual_tokens")
+        if self.encoder_hidden_size is not None:
+            check_rank(self.encoder_hidden_size, "encoder_hidden_size")
+        if self.init_weights not in (None, "zero"):
+            raise ConfigError(f"prefix init_weights {self.init_weights!r} is unknown; use 'zero' or leave it unset")
+
+
+class PrefixEncoder(nn.Module):
+    """The prefixes of all layers, (P, L * 2 * nkv * hd): a plain `embedding` table, or with projection an
+    `embedding` (P, d) followed by `transform` = Linear(d, h), tanh, Linear(h, 2 L nkv hd)."""
+
+    is_prefix = True
+
+    def __init__(self, P: int, L: int, nkv: int, hd: int, d: int, h: int | None, zero: bool,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.L, self.nkv, self.hd = L, nkv, hd
+        width = L * 2 * nkv * hd
+        if h is not None:
+            self.embedding = nn.Embedding(P, d, device=device)
+            self.transform = nn.Sequential(nn.Linear(d, h, device=device), nn.Tanh(),
+                                           nn.Linear(h, width, device=device))
+            if zero and not self.embedding.weight.is_meta:
+                nn.init.zeros_(self.transform[-1].weight)
+                nn.init.zeros_(self.transform[-1].bias)
+        else:
+            self.embedding = nn.Embedding(P, width, device=device)  # normal(0, 1), as PEFT
+            if zero and not self.embedding.weight.is_meta:
+                nn.init.zeros_(self.embedding.weight)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.embedding.num_embeddings
+
+    def flat(self) -> Tensor:
+        """(P, L * 2 * nkv * hd), PEFT's prompt_embeddings."""
+        w = self.embedding.weight
+        return self.transform(w) if hasattr(self, "transform") else w
+
+    def layer_kv(self, layer: int) -> tuple[Tensor, Tensor]:
+        """k, v of one layer, each (nkv, P, hd)."""
+        P = self.num_virtual_tokens
+        kv = self.flat().view(P, self.L, 2, self.nkv, self.hd)[:, layer]  # (P, 2, nkv, hd)
+        kv = kv.permute(1, 2, 0, 3)  # (2, nkv, P, hd)
+        return kv[0], kv[1]
+
+
+class LayerPrefix(nn.Module):
+    """The `Attention.prefix` hook of one layer: (k, v), each (B, nkv, P, hd), read from the shared encoder (held
+    outside the module tree, so its parameters are counted once, under model.prompt_encoder)."""
+
+    def __init__(self, encoder: PrefixEncoder, layer: int) -> None:
+        super().__init__()
+        self._encoder = [encoder]
+        self.layer = layer
+
+    def forward(self, B: int) -> tuple[Tensor, Tensor]:
+        k, v = self._encoder[0].layer_kv(self.layer)
+        return k[None].expand(B, -1, -1, -1), v[None].expand(B, -1, -1, -1)
+
+
+def _attentions(model: nn.Module) -> list[nn.Module]:
+    from slimtune.models.decoder import Attention
+
+    atts = sorted((m for m in model.modules() if isinstance(m, Attention)), key=lambda m: m.layer_idx)
+    if not atts:
+        raise ConfigError(f"prefix tuning needs slimtune's Decoder (its Attention.prefix hook); "
+                          f"{type(model).__name__} has none: load the model with slimtune or use prompt tuning")
+    return atts
+
+
+# ---- method protocol ------------------------------------------------------------------------------------------------
+def _fill(model: nn.Module, cfg: PrefixTuningConfig) -> tuple[int, int, int, int]:
+    atts = _attentions(model)
+    L, nkv, hd = len(atts), atts[0].nkv, atts[0].hd
+    cfg.num_layers, cfg.num_attention_heads, cfg.token_dim = L, nkv, nkv * hd  # PEFT's GQA convention
+    d = atts[0].q_proj.in_features if hasattr(atts[0].q_proj, "in_features") else nkv * hd
+    return L, nkv, hd, d
+
+
+def apply(model: nn.Module, cfg: PrefixTuningConfig, name: str = "default") -> None:
+    """Add prefix encoder `name` as model.prompt_encoder[name] and hook it into every attention layer.
+
+    Raises:
+        ConfigError: a bad option; a model that is not slimtune's Decoder.
+    """
+    cfg.validate()
+    L, nkv, hd, d = _fill(model, cfg)
+    atts = _attentions(model)
+    dev = atts[0].q_proj.weight.device if hasattr(atts[0].q_proj, "weight") else None
+    h = (cfg.encoder_hidden_size or d) if cfg.prefix_projection else None
+    enc = PrefixEncoder(cfg.num_virtual_tokens, L, nkv, hd, d, h, cfg.init_weights == "zero", device=dev)
+    prompt_modules(model)[name] = enc
+    _hook(model, enc)
+
+
+def _hook(model: nn.Module, enc: PrefixEncoder) -> None:
+    for i, att in enumerate(_attentions(model)):
+        att.prefix = LayerPrefix(enc, i)
+
+
+def remove(model: nn.Module, name: str = "default") -> None:
+    """Unhook and delete prefix adapter `name`."""
+    for att in _attentions(model):
+        if isinstance(att.prefix, LayerPrefix) and att.prefix._encoder[0] is get_encoder(model, name):
+            att.prefix = None
+    del prompt_modules(model)[name]
+
+
+@torch.no_grad()
+def fold(model: nn.Module, name: str = "default") -> None:
+    """Replace a projected encoder by the plain prefixes it produces now (what the file stores); no-op if plain."""
+    enc = get_encoder(model, name)
+    if not hasattr(enc, "transform"):
+        return
+    flat = enc.flat()
+    plain = PrefixEncoder(enc.num_virtual_tokens, enc.L, enc.nkv, enc.hd, 0, None, False, device=flat.device)
+    plain.embedding.weight.copy_(flat)
+    prompt_modules(model)[name] = plain
+    _hook(model, plain)
+
+
+def state_dict(model: nn.Module, name: str = "default") -> dict[str, Tensor]:
+    """{'prompt_embeddings': (P, 2 L nkv hd)} (produced by the MLP, detached, while not folded)."""
+    enc = get_encoder(model, name)
+    if hasattr(enc, "transform"):
+        with torch.no_grad():
+            return {"prompt_embeddings": enc.flat()}
+    return {"prompt_embeddings": enc.embedding.weight.detach()}
+
+
+@torch.no_grad()
+def load_state_dict(model: nn.Module, sd: dict[str, Tensor], name: str = "default") -> None:
+    """Load plain prefixes (a projected encoder `name` is replaced by a plain one)."""
+    fold(model, name)
+    get_encoder(model, name).embedding.weight.copy_(sd["prompt_embeddings"])
+
+
+def shapes(model: nn.Module, cfg: PrefixTuningConfig) -> dict[str, tuple[int, ...]]:
+    L, nkv, hd, _ = _fill(model, cfg)
+    return {"prompt_embeddings": (cfg.num_virtual_tokens, L * 2 * nkv * hd)}
+
+
+SPEC = register(MethodSpec("prefix", PrefixTuningConfig, apply, state_dict, load_state_dict, shapes, parameters))
