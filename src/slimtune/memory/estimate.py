@@ -72,7 +72,7 @@ def estimate(cfg: ModelConfig, method: str = "lora", precision: str = "bf16-mixe
              adapter_dtype: str = "fp32", quant_format: str = "nf4", double_quant: bool = True,
              quant_group: int | None = None,
              generate: bool = False, context: int | None = None, attention: str = "flash",
-             keep_logits: bool = False, sgd_momentum: float = 0.0, params_override: int | None = None,
+             keep_logits: bool = False, sgd_momentum: float = 0.9, params_override: int | None = None,
              workspace_bytes: int = WORKSPACE, device: str = "cuda") -> dict:
     """Predict the peak of `torch.cuda.max_memory_allocated` over one steady-state training step (forward, backward,
     optimizer step; optimizer state already allocated), or over generation with `generate=True`.

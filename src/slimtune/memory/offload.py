@@ -1,0 +1,69 @@
+"""Activation offloading: tensors saved for backward are copied to pinned host memory on a side CUDA stream during
+forward and copied back when backward needs them, so GPU memory holds roughly the block being computed.
+
+Built on `torch.autograd.graph.saved_tensors_hooks`. Parameters (and views of them), autocast's copies of trainable
+weights and tensors under `min_bytes` stay where they are. On the CPU the same path runs with plain copies, so that
+exactness can be tested (gradients are identical with and without it). Tensors saved inside checkpointed blocks are
+packed by the checkpoint's own (inner) hooks and are not offloaded; combine it with checkpointing only for the rest.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def _is_weight_copy(t: Tensor) -> bool:
+    """An autocast cast of a trainable leaf (ToCopy whose input is AccumulateGrad), possibly viewed (w.t())."""
+    b = t._base if t._base is not None else t
+    gf = b.grad_fn
+    return gf is not None and type(gf).__name__ == "ToCopyBackward0" and bool(gf.next_functions) and \
+        type(gf.next_functions[0][0]).__name__ == "AccumulateGrad"
+
+
+class offload_activations(torch.autograd.graph.saved_tensors_hooks):
+    """Context manager: `with offload_activations(model): loss = loss_fn(model(x))`, then `loss.backward()`
+    anywhere (the unpack hooks travel with the graph).
+
+    Args:
+        model: its parameters are never offloaded (None: only nn.Parameter objects themselves are recognised).
+        min_bytes: tensors smaller than this stay on the device (default 1 MiB).
+    Attributes:
+        offloaded_bytes / kept_bytes: totals packed to host / left in place during this context's forward.
+    """
+
+    def __init__(self, model: nn.Module | None = None, min_bytes: int = 1 << 20) -> None:
+        self.min_bytes = min_bytes
+        self.param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
+        self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self.offloaded_bytes = self.kept_bytes = 0
+        super().__init__(self._pack, self._unpack)
+
+    def _pack(self, t: Tensor):
+        nbytes = t.numel() * t.element_size()
+        if (isinstance(t, nn.Parameter) or nbytes < self.min_bytes or t.device.type not in ("cuda", "cpu")
+                or t.untyped_storage().data_ptr() in self.param_ptrs or _is_weight_copy(t)):
+            self.kept_bytes += nbytes
+            return t
+        self.offloaded_bytes += nbytes
+        if t.device.type == "cpu":  # the testable path: a real copy, the original may be freed
+            host = torch.empty_like(t)
+            host.copy_(t)
+            return (host, None, t.device)
+        host = torch.empty_like(t, device="cpu", pin_memory=True)  # keeps t's strides (dense tensors)
+        self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is fully written
+        with torch.cuda.stream(self.stream):
+            host.copy_(t, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        t.record_stream(self.stream)  # the allocator may reuse t's memory only once the copy is done
+        return (host, ev, t.device)
+
+    @staticmethod
+    def _unpack(packed):
+        if isinstance(packed, Tensor):
+            return packed
+        host, ev, device = packed
+        if ev is None:
+            return host
+        torch.cuda.current_stream(device).wait_event(ev)
+        return host.to(device, non_blocking=True)
