@@ -118,6 +118,13 @@ def test_slerp_layer_schedule(models, tmp_path):
         k = f"model.layers.{i}.mlp.down_proj.weight"
         torch.testing.assert_close(got[k], M.slerp(0.25, s0[k], s1[k]))
     torch.testing.assert_close(got["model.layers.0.self_attn.o_proj.weight"], s0["model.layers.0.self_attn.o_proj.weight"])
+    # the same merge in mergekit's usual slerp layout (one slice over all layers) gives the same model
+    sliced = {"merge_method": "slerp", "base_model": str(models / "m0"), "parameters": {"t": t},
+              "slices": [{"sources": [{"model": str(models / f"m{i}"), "layer_range": [0, 4]} for i in (0, 1)]}]}
+    assert run(tmp_path, sliced, "sliced") == 0
+    both(sd(tmp_path / "sliced"), got, 0)
+    sliced["slices"][0]["sources"][1]["layer_range"] = [0, 3]
+    assert run(tmp_path, sliced, "partial") == 2 and not (tmp_path / "partial").exists()
 
 
 def test_self_merges_return_the_model(models, tmp_path):

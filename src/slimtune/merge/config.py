@@ -17,7 +17,8 @@ from slimtune.errors import ConfigError
 # method -> (global parameters with their defaults, per-model parameters with their defaults; None = required)
 METHODS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "linear": ({"normalize": True}, {"weight": None}),
-    "task_arithmetic": ({"normalize": False, "lambda": 1.0, "int8_mask": False}, {"weight": None}),
+    # mergekit takes `density` for task_arithmetic too and ignores it (no sparsification); so does this
+    "task_arithmetic": ({"normalize": False, "lambda": 1.0, "int8_mask": False}, {"weight": None, "density": 1.0}),
     "ties": ({"normalize": True, "lambda": 1.0, "int8_mask": False}, {"weight": None, "density": 1.0}),
     "dare_linear": ({"normalize": False, "rescale": True, "lambda": 1.0, "int8_mask": False},
                     {"weight": None, "density": 1.0}),
@@ -200,6 +201,9 @@ def parse_config(d: Any, source: str = "merge config") -> MergeConfig:
     cfg = MergeConfig(method, models, base, params, d.get("dtype"), d.get("out_dtype"), source, notes)
     if params.get("int8_mask") is not None or any("int8_mask" in m.parameters for m in models):
         notes.append("int8_mask ignored: sign masks are boolean here")
+    if method == "task_arithmetic" and ("density" in params or any("density" in m.parameters for m in models)):
+        notes.append("density has no effect with task_arithmetic (as in mergekit); use ties or dare_linear to "
+                     "sparsify")
     _check_required(cfg)
     return cfg
 

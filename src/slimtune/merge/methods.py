@@ -1,9 +1,12 @@
 """The per-tensor math of model merging: linear, task arithmetic, TIES, DARE and SLERP.
 
-Every function works on fp32 tensors (or row chunks of them) and follows mergekit's semantics for `weight`, `density`,
-`normalize`, `lambda`, `rescale` and `t`, so a mergekit YAML gives the same merge. Methods that need a whole-tensor
-statistic (the TIES magnitude threshold, the SLERP angle) expose it as a separate first pass so `stream.py` can compute
-it chunk by chunk.
+Semantics of `weight`, `density`, `normalize`, `lambda`, `rescale` and `t` follow mergekit (arcee-ai/mergekit:
+merge_methods/generalized_task_arithmetic.py, linear.py, slerp.py, sparsify.py), so a mergekit YAML means the same
+merge. Deliberate differences: everything is computed in fp32 (mergekit computes in the config's dtype); the TIES trim
+keeps every entry tied with the k-th largest |delta| (mergekit's argsort breaks ties arbitrarily); DARE rescales by
+exactly 1 / (1 - p), as in the DARE paper (mergekit now rescales by the realised L1-norm ratio, ~ the same), with its
+own seeded random stream. Whole-tensor statistics (the TIES threshold, the SLERP angle) are separate first passes so
+that `stream.py` can compute them chunk by chunk.
 """
 from __future__ import annotations
 
