@@ -28,6 +28,12 @@ class IA3Config(MethodConfig):
     layers_to_transform: list[int] | int | None = None
     init_ia3_weights: bool = True
 
+    def to_peft_json(self) -> dict:
+        d = super().to_peft_json()
+        if d.get("layers_to_transform") is None:  # PEFT's IA3Config has no such field: write it only when used
+            d.pop("layers_to_transform", None)
+        return d
+
     def validate(self) -> None:
         if not self.target_modules:
             raise ConfigError("ia3: target_modules is empty; name the layers to scale, e.g. k_proj,v_proj,down_proj")

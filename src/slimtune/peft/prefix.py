@@ -2,7 +2,9 @@
 and value vectors at every layer that every query attends to; optionally produced during training by an MLP from P
 smaller embeddings (the paper's reparameterisation), folded into plain prefixes afterwards.
 
-Enters slimtune's Decoder through each `Attention.prefix` hook. File: PEFT's `prompt_embeddings` of shape
+Enters slimtune's Decoder through each `Attention.prefix` hook. Run it with `prompt.forward_with_prompts`, which
+numbers the real tokens from P as PEFT does (the prefix keys carry no rotation, so the offset matters); a plain
+`model(...)` call numbers them from 0. File: PEFT's `prompt_embeddings` of shape
 (P, 2 L nkv hd), whose last axis is laid out as (layer, k|v, kv head, head dim), PEFT's past_key_values order.
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ from slimtune.peft.prompt import get_encoder, parameters, prompt_modules
 @dataclass
 class PrefixTuningConfig(MethodConfig):
     """PEFT's PrefixTuningConfig fields: num_virtual_tokens P; prefix_projection: produce the prefixes with an MLP
-    (Linear(d, h), tanh, Linear(h, 2 L nkv hd)) while training; encoder_hidden_size h (default d); init_weights
+    from P embeddings of width t = nkv hd (Linear(t, h), tanh, Linear(h, 2 L t)) while training, as PEFT;
+    encoder_hidden_size h (default t); init_weights
     'zero' starts the prefixes (or the MLP's last layer) at zero, None draws them from normal(0, 1) as PEFT.
     token_dim (nkv hd), num_layers and num_attention_heads (nkv) are filled from the model by `apply`."""
 
@@ -46,7 +49,7 @@ class PrefixTuningConfig(MethodConfig):
 
 class PrefixEncoder(nn.Module):
     """The prefixes of all layers, (P, L * 2 * nkv * hd): a plain `embedding` table, or with projection an
-    `embedding` (P, d) followed by `transform` = Linear(d, h), tanh, Linear(h, 2 L nkv hd)."""
+    `embedding` (P, d) followed by `transform` = Linear(d, h), tanh, Linear(h, 2 L nkv hd); d = nkv hd as PEFT."""
 
     is_prefix = True
 
@@ -113,8 +116,7 @@ def _fill(model: nn.Module, cfg: PrefixTuningConfig) -> tuple[int, int, int, int
     atts = _attentions(model)
     L, nkv, hd = len(atts), atts[0].nkv, atts[0].hd
     cfg.num_layers, cfg.num_attention_heads, cfg.token_dim = L, nkv, nkv * hd  # PEFT's GQA convention
-    d = atts[0].q_proj.in_features if hasattr(atts[0].q_proj, "in_features") else nkv * hd
-    return L, nkv, hd, d
+    return L, nkv, hd, nkv * hd  # the MLP's input width: PEFT's token_dim
 
 
 def apply(model: nn.Module, cfg: PrefixTuningConfig, name: str = "default") -> None:
