@@ -255,3 +255,11 @@ def test_whole_model_safetensors_roundtrip(tmp_path, fmt):
     ids = torch.randint(8, 264, (1, 12))
     with torch.no_grad():
         assert torch.equal(fresh(ids), model(ids))
+
+
+@pytest.mark.parametrize("fmt", QUANT_FORMATS)
+def test_from_weight_refuses_nan(fmt):
+    w = make_linear().weight.detach().clone()
+    w[7, 3] = float("nan")
+    with pytest.raises(PrecisionError, match="tensor blk.w holds NaN or inf"):
+        QuantLinear.from_weight(w, None, fmt, name="blk.w")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimtune.errors import CheckpointError, ConfigError
+from slimtune.errors import CheckpointError, ConfigError, PrecisionError
 from slimtune.quant.bitnet import act_quant_int8, pack_ternary, ternary_quant, unpack_ternary
 from slimtune.quant.blockwise import (FORMATS_4BIT, Quant4bit, _check_block, dequantize_4bit, from_bnb_state_dict,
                                       quantize_4bit, to_bnb_state_dict)
@@ -154,6 +154,14 @@ class QuantLinear(nn.Module):
         else:
             t, gamma = ternary_quant(w)
             bufs = {"weight": pack_ternary(t), "weight_scale": gamma}
+        scale = bufs.get("SCB", bufs.get("scales", bufs.get("weight_scale")))
+        if scale is not None and not torch.isfinite(scale).all():  # NaN/inf in a row poisons its scale
+            where = ""
+            if scale.numel() > 1:
+                bad = (~torch.isfinite(scale.reshape(scale.shape[0], -1))).any(-1).nonzero()[0, 0]
+                where = f" (first in row {int(bad)})"
+            raise PrecisionError(f"tensor {name} holds NaN or inf{where}; quantizing it to {fmt} would spread them "
+                                 "over their rows; the checkpoint is damaged, re-download or re-save it")
         for k, v in bufs.items():
             setattr(m, k, v)  # assigning to a registered buffer name replaces the buffer
         if bias is not None:
