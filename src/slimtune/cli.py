@@ -11,6 +11,8 @@ import sys
 
 # subcommand name -> module holding `HELP`, `add_arguments(p)` and `run(args) -> int | None`
 COMMANDS: dict[str, str] = {
+    "quickstart": "slimtune.commands.quickstart",
+    "finetune": "slimtune.commands.finetune",
     "generate": "slimtune.commands.generate",
     "shapes": "slimtune.commands.shapes",
     "convert": "slimtune.commands.convert",

@@ -1,0 +1,237 @@
+"""Training checkpoints that resume a run exactly: trainable weights, optimizer, scheduler, loss scaler, every RNG and
+the data position. Tensors go into safetensors, everything else into JSON (no pickle).
+
+Layout of `out_dir/checkpoints/step-N/`: `weights.safetensors` (trainable parameters by module path),
+`state.safetensors` (optimizer tensors `optim.<param index>.<key>`, RNG states `rng.*`), `state.json` (the rest).
+Each is written into a temporary folder, fsynced, and renamed into place, so a kill at any moment leaves every
+earlier checkpoint whole; only the last `keep_last` are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from slimtune.errors import CheckpointError
+
+FORMAT = 1
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# ---- RNG ------------------------------------------------------------------------------------------------------------
+def rng_state() -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(JSON part, tensor part) of the python, numpy, torch CPU and every CUDA generator."""
+    py = random.getstate()
+    npst = np.random.get_state(legacy=True)
+    js = {"python": [py[0], list(py[1]), py[2]],
+          "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])]}
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return js, tensors
+
+
+def set_rng_state(js: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Restore what `rng_state` returned."""
+    v, st, gauss = js["python"]
+    random.setstate((v, tuple(st), gauss))
+    name, keys, pos, has_gauss, cached = js["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        n = min(len(cuda), torch.cuda.device_count())
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda[:n]])
+
+
+# ---- optimizer state as tensors + JSON ------------------------------------------------------------------------------
+def flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Split `optimizer.state_dict()` into a JSON index and tensors named `optim.<param index>.<key>`.
+
+    Raises:
+        CheckpointError: a state value that is neither a tensor nor JSON-serialisable.
+    """
+    tensors: dict[str, Tensor] = {}
+    state_js: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        entry: dict[str, Any] = {}
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"optim.{idx}.{k}"] = v.detach().to("cpu").contiguous()
+                entry[k] = {"tensor": f"optim.{idx}.{k}"}
+            elif isinstance(v, (int, float, bool, str)) or v is None:
+                entry[k] = {"value": v}
+            else:
+                raise CheckpointError(f"optimizer state {idx}.{k} is a {type(v).__name__}; only tensors and numbers "
+                                      "can be checkpointed")
+        state_js[str(idx)] = entry
+    return {"state": state_js, "param_groups": sd["param_groups"]}, tensors
+
+
+def unflatten_optimizer(js: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """The inverse of `flatten_optimizer`: a dict for `optimizer.load_state_dict`."""
+    state = {}
+    for idx, entry in js["state"].items():
+        state[int(idx)] = {k: tensors[v["tensor"]] if "tensor" in v else v["value"] for k, v in entry.items()}
+    groups = []
+    for g in js["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """The trainable parameters by module path (tied ones once), detached, on the CPU, contiguous."""
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---- writing --------------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint under out_dir/checkpoints, oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = STEP_DIR.match(d.name)
+        if m and (d / "state.json").is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], scaler: "torch.amp.GradScaler | None" = None,
+                    keep_last: int = 2) -> Path:
+    """Write out_dir/checkpoints/step-<step> atomically and prune older ones down to `keep_last`.
+
+    Args:
+        state: JSON-serialisable run state (data position, scheduler step, counters, the config); RNG states,
+            the scaler state and the step are added here.
+        keep_last: checkpoints kept (0 keeps all).
+    Returns:
+        The checkpoint folder.
+    """
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".step-*"):  # temp folders of a write that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
+    try:
+        opt_js, opt_t = flatten_optimizer(optimizer.state_dict())
+        rng_js, rng_t = rng_state()
+        _write_safetensors(trainable_state(model), tmp / "weights.safetensors")
+        _write_safetensors({**opt_t, **rng_t}, tmp / "state.safetensors")
+        full = {"format": FORMAT, "step": step, **state, "optimizer": opt_js, "rng": rng_js,
+                "scaler": scaler.state_dict() if scaler is not None else None}
+        _write_json(full, tmp / "state.json")  # last: its presence marks a complete folder
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. a rerun): swap, never leave a gap
+            old = root / f".step-{step}.old"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last > 0:
+        for _, d in list_checkpoints(out_dir)[:-keep_last]:
+            trash = root / f".{d.name}.del"
+            d.rename(trash)  # out of sight first, so a kill during rmtree leaves no half checkpoint
+            shutil.rmtree(trash, ignore_errors=True)
+    return final
+
+
+# ---- reading --------------------------------------------------------------------------------------------------------
+def find_checkpoint(out_dir: str | Path, resume: str) -> Path | None:
+    """The folder named by `resume`: 'latest' (None when out_dir has no checkpoint yet) or a path.
+
+    Raises:
+        CheckpointError: a path that is not a complete checkpoint folder.
+    """
+    if resume == "latest":
+        found = list_checkpoints(out_dir)
+        return found[-1][1] if found else None
+    p = Path(resume)
+    if not (p / "state.json").is_file():
+        raise CheckpointError(f"{p}: not a training checkpoint (no state.json); fix: pass resume=latest or a "
+                              "folder such as OUT/checkpoints/step-100")
+    return p
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: "torch.amp.GradScaler | None" = None) -> dict[str, Any]:
+    """Restore weights, optimizer, scaler and RNGs from a checkpoint folder; return its JSON state (step, data, ...).
+
+    Raises:
+        CheckpointError: missing or damaged files, or trainable parameters that differ from the checkpoint's
+            (another method or model).
+    """
+    from safetensors.torch import load_file
+
+    from slimtune.checkpoint import read_safetensors_header
+
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}/state.json: unreadable ({type(e).__name__}); resume from an earlier "
+                              "checkpoint") from None
+    for f in ("weights.safetensors", "state.safetensors"):
+        read_safetensors_header(path / f)  # a clear error for a missing or truncated file
+    weights = load_file(str(path / "weights.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        extra = sorted(set(weights) ^ set(params))[0]
+        raise CheckpointError(f"{path}: trainable parameter {extra} is in only one of the checkpoint and the model; "
+                              "fix: resume with the same model and method settings")
+    with torch.no_grad():
+        for n, p in params.items():
+            if weights[n].shape != p.shape:
+                raise CheckpointError(f"{path}: {n} has shape {tuple(weights[n].shape)}, the model "
+                                      f"{tuple(p.shape)}; fix: resume with the same method settings")
+            p.copy_(weights[n])
+    tensors = load_file(str(path / "state.safetensors"))
+    optimizer.load_state_dict(unflatten_optimizer(state["optimizer"], tensors))
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"], tensors)
+    return state

@@ -1,0 +1,251 @@
+"""`TrainConfig`: the one flat, typed config of a fine-tuning run, read from YAML plus `key=value` overrides.
+
+Every value is checked against its field's type when loaded: an unknown key is refused with the closest valid key,
+a wrong type with the key, the value and the expected type (one line each, `ConfigError`). The effective config is
+written back as YAML beside the outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimtune.errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
+SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """A fine-tuning run. Method options left at None take the method's own default."""
+
+    # ---- model and method
+    model: str = "builtin"  # a Hugging Face folder, a hub id, or 'builtin' (the tiny built-in model)
+    tokenizer: str | None = None  # default: the model's
+    method: str = "lora"  # lora, dora, qlora, ia3, prefix, prompt, houlsby, bitfit, partial, full, ...
+    rank: int | None = None  # LoRA/DoRA rank r
+    alpha: float | None = None  # LoRA scaling numerator (lora_alpha)
+    dropout: float | None = None  # dropout on the adapter input
+    targets: list[str] | None = None  # module names to adapt (e.g. [q_proj, v_proj]); 'all-linear' where supported
+    use_dora: bool | None = None
+    use_rslora: bool | None = None  # scale alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)
+    num_virtual_tokens: int | None = None  # prompt / prefix tuning
+    method_args: dict[str, Any] = field(default_factory=dict)  # any other option of the method's config, verbatim
+    quant: str = "nf4"  # base-weight format for qlora
+    # ---- data
+    data: str | list[str] = ""  # .json / .jsonl / .parquet file(s)
+    val_data: str | list[str] | None = None  # a separate validation file, or:
+    val_fraction: float = 0.0  # share of the records held out for validation (seeded)
+    data_format: str = "auto"  # auto, alpaca, messages, sharegpt, text
+    template: str = "auto"  # auto, tokenizer, alpaca, chatml
+    train_on_prompt: bool = False  # loss on every token instead of only the answers
+    max_length: int = 1024  # tokens per example (and per packed row)
+    packing: bool = True  # several examples per row, no attention across them
+    data_limit: int | None = None  # use only the first N records
+    skip_bad: bool = False  # leave malformed records out instead of stopping
+    # ---- numerics
+    precision: str = "auto"  # auto, fp32, bf16-mixed, fp16-mixed, bf16-true
+    base_dtype: str = "auto"  # storage of the frozen weights: auto (16-bit under a 16-bit policy), fp32, bf16, fp16
+    grad_ckpt: bool = False  # recompute each block in backward (activation checkpointing)
+    offload_activations: bool = False
+    # ---- optimization
+    batch_size: int = 4  # rows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int | None = None  # optimizer steps; default: `epochs` passes over the data
+    epochs: float = 1.0
+    lr: float = 2e-4
+    min_lr: float = 0.0  # where the decay ends
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine, linear, constant (after warmup)
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    optimizer: str = "adamw"  # adamw, adamw8bit, sgd
+    offload_optimizer: bool = False
+    # ---- evaluation, checkpoints, logging
+    eval_every: int = 0  # steps; 0: only before and after training
+    eval_batches: int | None = None  # cap on validation batches per evaluation
+    save_every: int = 0  # steps; 0: only at the end (and on Ctrl-C)
+    keep_last: int = 2  # training checkpoints kept
+    resume: str | None = None  # 'latest' or a checkpoint folder (out_dir/checkpoints/step-N)
+    out_dir: str = "out"
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    log_every: int = 1  # steps between metrics lines
+    log_tensorboard: bool = False
+    progress: bool = True  # tqdm progress bar
+    plot: bool = True  # loss-curve PNG at the end
+    save_final: bool = True  # the adapter (PEFT format) or the full model at the end
+
+    def validate(self) -> None:
+        """Check value ranges and choices; raises ConfigError (one line naming the key and the fix)."""
+        choices = {"precision": PRECISIONS, "schedule": SCHEDULES, "optimizer": OPTIMIZERS,
+                   "base_dtype": BASE_DTYPES}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for key in ("batch_size", "grad_accum", "max_length", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "eval_every", "save_every", "keep_last", "lr", "min_lr", "weight_decay",
+                    "max_grad_norm"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas needs two numbers, e.g. [0.9, 0.999], got {self.betas}")
+        if not self.data:
+            raise ConfigError("no training data: set data=PATH (a .json, .jsonl or .parquet file)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """`value` as type `tp` (int, float, bool, str, list[...], dict[...], unions with None); ValueError if not."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a)
+            except ValueError:
+                pass
+        raise ValueError(_type_name(tp))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ValueError("bool")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError("int")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError("float")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError("str")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):  # key=a,b,c on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(_type_name(tp))
+        return [_coerce(v, item) for v in value]
+    if origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ValueError(_type_name(tp))
+    raise ValueError(_type_name(tp))
+
+
+def _parse_scalar(text: str) -> Any:
+    """A command-line value: YAML syntax ([a, b], {k: v}, true, 3, null), else the plain string."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def set_key(cfg: TrainConfig, key: str, value: Any, where: str) -> None:
+    """Set `key` on cfg after checking that it exists and that the value has its type.
+
+    Raises:
+        ConfigError: '<where>: unknown key ..., did you mean ...' or '<where>: key=value is not a <type>'.
+    """
+    if key not in FIELDS:
+        close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(FIELDS)}"
+        raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+    tp = HINTS[key]
+    try:
+        setattr(cfg, key, _coerce(value, tp))
+    except ValueError:
+        raise ConfigError(f"{where}: {key}={value!r} is not a {_type_name(tp)}; fix: give {key} a "
+                          f"{_type_name(tp)} value (default: {getattr(TrainConfig(), key)!r})") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Build a `TrainConfig` from a YAML file and `key=value` overrides (applied in order, after the file).
+
+    Args:
+        path: a YAML file holding one mapping of keys to values, or None for the defaults.
+        overrides: strings `key=value`; values in YAML syntax (`targets=[q_proj,v_proj]`, `lr=1e-4`).
+    Returns:
+        The validated config.
+    Raises:
+        ConfigError: a missing or malformed file, an unknown key, a wrong type or an out-of-range value.
+    """
+    import yaml
+
+    cfg = TrainConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found; fix: pass the path of a YAML file (see configs/)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}:{at} not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of key: value lines, got a {type(data).__name__}")
+        for k, v in data.items():
+            set_key(cfg, str(k), v, str(p))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"command line: '{item}' is not key=value; fix: write e.g. lr=1e-4")
+        k, v = item.split("=", 1)
+        set_key(cfg, k.strip(), _parse_scalar(v), "command line")
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'command line'}: {e}") from None
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the effective config as YAML (every key, in field order)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
