@@ -7,8 +7,14 @@ import torch
 
 import slimtune.quant.blockwise as bw
 from slimtune.errors import CheckpointError, ConfigError, PrecisionError
-from slimtune.quant.blockwise import (code_table, dequantize_4bit, dynamic_map, from_bnb_state_dict, quantize_4bit,
-                                      to_bnb_state_dict)
+from slimtune.quant.blockwise import (
+    code_table,
+    dequantize_4bit,
+    dynamic_map,
+    from_bnb_state_dict,
+    quantize_4bit,
+    to_bnb_state_dict,
+)
 from slimtune.quant.intq import dequantize_int4, quantize_int4
 
 # the published NF4 table (QLoRA / bitsandbytes), typed here independently of slimtune.quant.formats

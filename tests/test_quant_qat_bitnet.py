@@ -8,8 +8,15 @@ from torch import nn
 
 from slimtune.errors import ConfigError
 from slimtune.models.tiny import builtin_model
-from slimtune.quant.bitnet import (BitLinear, act_quant_int8, export_bitnet, pack_ternary, prepare_bitnet,
-                                   ternary_quant, unpack_ternary)
+from slimtune.quant.bitnet import (
+    BitLinear,
+    act_quant_int8,
+    export_bitnet,
+    pack_ternary,
+    prepare_bitnet,
+    ternary_quant,
+    unpack_ternary,
+)
 from slimtune.quant.fake import FakeQuantLinear, QATConfig, convert_qat, fake_quantize, prepare_qat
 from slimtune.quant.linear import QuantLinear
 
@@ -111,7 +118,7 @@ def test_act_quant_int8():
 
 def test_bitlinear_trains():
     torch.manual_seed(0)
-    w, x, y = regression(1)
+    _, x, y = regression(1)
     layer = BitLinear(IN, OUT)
     losses = train(layer, x[:512], y[:512], steps=150, lr=3e-3)
     assert losses[-1] < 0.5 * losses[0]

@@ -7,5 +7,11 @@ loaders), `quantize_4bit` / `dequantize_4bit` (tensors), `prepare_qat` / `conver
 """
 from slimtune.quant.blockwise import Quant4bit, dequantize_4bit, quantize_4bit  # noqa: F401
 from slimtune.quant.formats import FORMATS, get_format  # noqa: F401
-from slimtune.quant.linear import (QUANT_FORMATS, QuantLinear, QuantReport, linear_names,  # noqa: F401
-                                   prepare_quantized, quantize_model)
+from slimtune.quant.linear import (  # noqa: F401
+    QUANT_FORMATS,
+    QuantLinear,
+    QuantReport,
+    linear_names,
+    prepare_quantized,
+    quantize_model,
+)

@@ -62,7 +62,7 @@ class BitLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "BitLinear":
+    def from_linear(cls, linear: nn.Linear) -> BitLinear:
         """A BitLinear starting from `linear`'s weight and bias (shared storage, not copied)."""
         m = cls.__new__(cls)
         nn.Module.__init__(m)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ FP4_CODE = tuple(m / 12 for m in _FP4_MAG) + tuple(-m / 12 for m in _FP4_MAG)  #
 CHUNK = 1 << 22  # elements per step: bounds the fp32/int32 temporaries to ~32 MB
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tables(fmt: str, device: str) -> tuple[Tensor, Tensor, Tensor]:
     """(code (16,) fp32, decision boundaries fp32, code index of each bucket int32) on `device`.
 
@@ -64,7 +64,7 @@ def code_table(fmt: str, device: str | torch.device = "cpu") -> Tensor:
     return _tables(fmt, str(torch.device(device)))[0]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dynamic(device: str) -> tuple[Tensor, Tensor]:
     """bitsandbytes' signed dynamic 8-bit code (Dettmers 2015, `create_dynamic_map(True, 7, 8)`) and its midpoints.
 
@@ -134,7 +134,7 @@ class Quant4bit:
 
 def _encode(scaled: Tensor, fmt: str) -> Tensor:
     """Codes (uint8, same shape) of values already scaled into [-1, 1]: nearest entry of the code table."""
-    code, mids, idx = _tables(fmt, str(scaled.device))
+    _, mids, idx = _tables(fmt, str(scaled.device))
     if fmt == "nf4":
         return torch.bucketize(scaled, mids, out_int32=True).to(torch.uint8)
     c = idx[torch.bucketize(scaled.abs(), mids, out_int32=True)].to(torch.uint8)
@@ -213,7 +213,7 @@ def dequantize_blockwise_8bit(codes: Tensor, absmax: Tensor, block_size: int = 2
     return v.view(-1)[:n].view(codes.shape)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pair_lut(fmt: str, device: str) -> Tensor:
     """(256, 2) fp32: byte b -> (code[b >> 4], code[b & 15]), so one gather decodes two values."""
     code = _tables(fmt, device)[0]

@@ -28,11 +28,25 @@ from torch import Tensor, nn
 
 from slimtune.errors import CheckpointError, ConfigError, PrecisionError
 from slimtune.quant.bitnet import act_quant_int8, pack_ternary, ternary_quant, unpack_ternary
-from slimtune.quant.blockwise import (FORMATS_4BIT, Quant4bit, _check_block, dequantize_4bit, from_bnb_state_dict,
-                                      quantize_4bit, to_bnb_state_dict)
+from slimtune.quant.blockwise import (
+    FORMATS_4BIT,
+    Quant4bit,
+    _check_block,
+    dequantize_4bit,
+    from_bnb_state_dict,
+    quantize_4bit,
+    to_bnb_state_dict,
+)
 from slimtune.quant.guard import outlier_message, scan_weight
-from slimtune.quant.intq import (check_group, dequantize_fp8, dequantize_int8, dequantize_intk, quantize_fp8,
-                                 quantize_int8, quantize_intk)
+from slimtune.quant.intq import (
+    check_group,
+    dequantize_fp8,
+    dequantize_int8,
+    dequantize_intk,
+    quantize_fp8,
+    quantize_int8,
+    quantize_intk,
+)
 
 QUANT_FORMATS = ("nf4", "fp4", "int8", "int4", "int3", "int2", "fp8", "w8a8", "ternary")
 INT_BITS = {"int4": 4, "int3": 3, "int2": 2}  # group-wise asymmetric formats
@@ -92,7 +106,7 @@ class _QuantMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, bias: Tensor | None, layer: "QuantLinear") -> Tensor:
+    def forward(ctx, x: Tensor, bias: Tensor | None, layer: QuantLinear) -> Tensor:
         ctx.layer = layer
         return layer._forward_impl(x, bias)
 
@@ -130,7 +144,7 @@ class QuantLinear(nn.Module):
     # ---- construction -----------------------------------------------------------------------------------------------
     @classmethod
     def from_weight(cls, weight: Tensor, bias: Tensor | None, fmt: str, group_size: int | None = None,
-                    double_quant: bool = False, name: str = "weight") -> "QuantLinear":
+                    double_quant: bool = False, name: str = "weight") -> QuantLinear:
         """Quantize a (out, in) weight (and keep `bias` as is) on the weight's device.
 
         Raises:
@@ -170,7 +184,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, fmt: str, group_size: int | None = None, double_quant: bool = False,
-                    name: str = "weight", device: str | torch.device | None = None) -> "QuantLinear":
+                    name: str = "weight", device: str | torch.device | None = None) -> QuantLinear:
         """Quantize `linear` (anything with `.weight` (out, in) and `.bias`), optionally moving it to `device` first."""
         w, b = linear.weight, linear.bias
         if device is not None:
