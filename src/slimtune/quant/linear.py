@@ -2,9 +2,9 @@
 
 Formats: nf4 / fp4 (block-wise, optional double quantization; state dict = bitsandbytes `Linear4bit` keys), int8
 (per channel; `weight` int8 + `SCB`), int4 / int3 / int2 (group-wise; `weight` uint8 (out, in * k / 8) + `scales` +
-`zeros`), fp8
-(e4m3 per channel; `weight` + `weight_scale` (out, 1)), w8a8 (int8 weights and dynamic per-token int8 activations,
-integer matmul) and ternary (BitNet b1.58 export; `weight` uint8 (out, in/4) + `weight_scale`). The forward runs
+`zeros`), fp8 (e4m3 per channel; `weight` + `weight_scale` (out, 1)), w8a8 (int8 weights and dynamic per-token int8
+activations, integer matmul) and ternary (BitNet b1.58 export; `weight` uint8 (out, in/4) + `weight_scale`). The
+forward runs
 through an autograd function that re-dequantizes in the backward instead of saving the 16-bit weight, so gradients
 reach the input (LoRA on top) while memory stays at the packed size.
 
