@@ -199,7 +199,7 @@ def estimate(cfg: ModelConfig, method: str = "lora", precision: str = "bf16-mixe
     g_head = sum(n * (gb or b) for (n, b), p in zip(trainable, _owners(table, method, targets)) if p == -2)
     g_embed = grads_full - g_blk * L - g_head if full else 0
     if cfg.tie_word_embeddings and full:  # the shared matrix's .grad appears at lm_head's backward
-        g_head, g_embed = g_head + g_embed, g_embed
+        g_head += g_embed  # (g_embed stays: the embedding's own contribution is added at the end, a transient)
     if offload == "activations" and not grad_ckpt:
         held = lambda k: min(k, 2) * a_blk  # noqa: E731  the block in flight to / from host and the next one
     elif grad_ckpt:
@@ -228,7 +228,7 @@ def estimate(cfg: ModelConfig, method: str = "lora", precision: str = "bf16-mixe
             gradients=g_head + (L - k) * g_blk, temporary=trans)
     phases["backward_end"] = dict(activations=0, autocast_copies=0, logits_loss=logits, gradients=grads_full,
                                   temporary=g_embed if cfg.tie_word_embeddings and full else 0)  # dE, added
-    opt_tmp = 0 if optimizer != "adamw" else 0  # fused AdamW: no temporaries
+    opt_tmp = 0  # fused AdamW and torchao's 8-bit AdamW: no full-size temporaries
     phases["optimizer_step"] = dict(activations=0, autocast_copies=0, logits_loss=0, gradients=grads_full,
                                     temporary=opt_tmp)
     totals = {k: sum(v.values()) + sum(persistent.values()) for k, v in phases.items()}
