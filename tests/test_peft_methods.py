@@ -186,8 +186,32 @@ def test_houlsby_math_and_count():
         torch.testing.assert_close(o(h), want)
     d, L = 256, 4  # 2 adapters a block, each 2 d r + r + d (LoRA paper's count of Adapter^H)
     assert sum(p.numel() for p in adapter_parameters(model, "default")) == 2 * L * (2 * d * 3 + 3 + d)
+    x = torch.randint(8, 264, (2, 5))
+    with torch.no_grad(), disable_adapters(model):
+        assert torch.equal(model(x), builtin_model(5)(x))
     with pytest.raises(ConfigError):
         merge_and_unload(model)  # a bottleneck with a nonlinearity does not fold into a linear weight
+
+
+def test_ia3_named_adapters_switch_and_stack():
+    from slimtune.peft import set_adapter
+
+    torch.manual_seed(9)
+    model = builtin_model(6).eval()
+    apply_method(model, {"method": "ia3", "target_modules": ["v_proj"], "feedforward_modules": []}, "a")
+    apply_method(model, {"method": "ia3", "target_modules": ["v_proj"], "feedforward_modules": []}, "b")
+    v = model.model.layers[0].self_attn.v_proj
+    with torch.no_grad():
+        for n in "ab":
+            v.ia3_l[n].uniform_(0.5, 1.5)
+        h = torch.randn(3, 256)
+        y0 = v.base_layer(h)
+        assert model.__dict__["slimtune_active"] == ["b"]
+        torch.testing.assert_close(v(h), y0 * v.ia3_l["b"][:, 0])
+        set_adapter(model, "a")
+        torch.testing.assert_close(v(h), y0 * v.ia3_l["a"][:, 0])
+        set_adapter(model, ["a", "b"])
+        torch.testing.assert_close(v(h), y0 * v.ia3_l["a"][:, 0] * v.ia3_l["b"][:, 0])
 
 
 # ---- BitFit -----------------------------------------------------------------------------------------------------
@@ -318,3 +342,21 @@ def test_wrong_base_refused_before_anything_changes(tmp_path):
     with pytest.raises(CheckpointError, match="adapter_down"):
         load_adapter(other, tmp_path / "h")
     assert not any(hasattr(m, "adapter_down") for m in other.modules())
+
+
+@pytest.mark.parametrize("method", ["ia3", "houlsby"])
+def test_on_a_quantized_base(method):
+    """The wrappers need only the base layer's forward: they sit on an NF4 QuantLinear too (QLoRA-style)."""
+    from slimtune.quant.linear import quantize_model
+
+    model = small_decoder(3).eval()
+    quantize_model(model, "nf4")
+    x = torch.randint(3, 290, (2, 7))
+    with torch.no_grad():
+        ref = model(x)
+        apply_method(model, {"method": method, "r": 2} if method == "houlsby" else {"method": method})
+        assert torch.equal(model(x), ref)
+        _randomize(model)
+        assert (model(x) - ref).abs().max() > 1e-4
+    with pytest.raises(ConfigError):
+        merge_and_unload(model)

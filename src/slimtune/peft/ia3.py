@@ -120,7 +120,10 @@ class IA3Linear(AdapterLayer):
         self.merged = []
 
     def _rescale(self, s: Tensor) -> None:
-        w, b = self.base_layer.weight, getattr(self.base_layer, "bias", None)
+        w, b = getattr(self.base_layer, "weight", None), getattr(self.base_layer, "bias", None)
+        if not isinstance(w, Tensor) or not w.is_floating_point():
+            raise ConfigError(f"ia3 cannot merge into a {type(self.base_layer).__name__} (a quantized weight); "
+                              "keep the adapter unmerged or dequantize the base first")
         if self.feedforward:
             w.copy_((w.float() * s.float()[None, :]).to(w.dtype))
         else:
