@@ -134,7 +134,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, prec: Precision, device:
     """The optimizer over the trainable parameters; weight decay on matrices only (not norms, biases).
 
     adamw: torch AdamW (fused on CUDA), or `AdamWFp32State` when weights are stored in bf16 (bf16-true).
-    sgd: SGD with momentum 0.9. adamw8bit and the offloading options need `slimtune.memory`.
+    sgd, adamw8bit and offload_optimizer: `slimtune.memory.optim.make_optimizer`.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -143,17 +143,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, prec: Precision, device:
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "adamw8bit" or cfg.offload_optimizer:
-        try:
-            from slimtune.memory.optim import make_optimizer
-        except ImportError:
-            raise ConfigError(f"optimizer={cfg.optimizer} offload_optimizer={cfg.offload_optimizer} needs "
-                              "slimtune.memory, not in this build; fix: optimizer=adamw offload_optimizer=false") \
-                from None
+    if cfg.optimizer != "adamw" or cfg.offload_optimizer:
+        from slimtune.memory.optim import make_optimizer
+
         return make_optimizer(groups, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas),
                               weight_decay=cfg.weight_decay, offload=cfg.offload_optimizer)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
     if any(p.dtype != torch.float32 for p in params):
         return AdamWFp32State(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
@@ -189,12 +183,18 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 # ---- one step, one evaluation ---------------------------------------------------------------------------------------
-def forward_loss(model: nn.Module, batch: dict, prec: Precision, device: torch.device) -> tuple[torch.Tensor, int]:
-    """(summed token loss (fp32), number of predicted tokens) of one batch."""
+def forward_loss(model: nn.Module, batch: dict, prec: Precision, device: torch.device,
+                 offload: bool = False) -> tuple[torch.Tensor, int]:
+    """(summed token loss (fp32), number of predicted tokens) of one batch; `offload`: activations saved for
+    backward wait in host memory (`slimtune.memory.offload`)."""
+    import contextlib
+
     from slimtune.data import causal_lm_loss, model_inputs
 
     b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    with prec.context(device.type):
+    if offload:
+        from slimtune.memory.offload import offload_activations
+    with prec.context(device.type), offload_activations(model) if offload else contextlib.nullcontext():
         if len(getattr(model, "prompt_encoder", ())):  # prompt / p-tuning / prefix: virtual tokens go in first
             from slimtune.peft.prompt import forward_with_prompts
 
@@ -206,7 +206,7 @@ def forward_loss(model: nn.Module, batch: dict, prec: Precision, device: torch.d
 
 
 def train_step(model: nn.Module, micro: list[dict], optimizer, scaler, prec: Precision, device: torch.device,
-               max_grad_norm: float, params: list[nn.Parameter]) -> dict[str, Any]:
+               max_grad_norm: float, params: list[nn.Parameter], offload: bool = False) -> dict[str, Any]:
     """One optimizer step over the micro-batches `micro` (gradient accumulation).
 
     Every micro-batch's summed loss is divided by the token count of the whole step, so the accumulated gradient is
@@ -222,7 +222,7 @@ def train_step(model: nn.Module, micro: list[dict], optimizer, scaler, prec: Pre
     n_pred = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
     total = torch.zeros((), device=device)
     for b in micro:
-        loss_sum, _ = forward_loss(model, b, prec, device)
+        loss_sum, _ = forward_loss(model, b, prec, device, offload)
         loss = loss_sum / max(n_pred, 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
@@ -452,7 +452,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
             t0 = time.perf_counter()
             micro = [next(it) for _ in range(cfg.grad_accum)]
             try:
-                res = train_step(model, micro, optimizer, scaler, prec, device, cfg.max_grad_norm, params)
+                res = train_step(model, micro, optimizer, scaler, prec, device, cfg.max_grad_norm, params,
+                                 cfg.offload_activations)
             except TrainingError as e:
                 where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
                 raise TrainingError(f"step {step + 1}: {e}; the run stopped, {where}; fix: lower lr (now "
