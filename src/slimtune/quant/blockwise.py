@@ -92,7 +92,8 @@ def _check_fmt(fmt: str) -> None:
         raise ConfigError(f"unknown 4-bit format {fmt!r}; choose nf4 or fp4")
 
 
-def _check_block(block_size: int, what: str = "block size") -> None:
+def check_block(block_size: int, what: str = "block size") -> None:
+    """Raise a one-line ConfigError unless `block_size` is a power of two from 16 to 4096."""
     if not (isinstance(block_size, int) and 16 <= block_size <= 4096 and block_size & (block_size - 1) == 0):
         raise ConfigError(f"{what} {block_size!r} is not a power of two from 16 to 4096; use 64 (the QLoRA default)")
 
@@ -153,7 +154,7 @@ def quantize_4bit(w: Tensor, fmt: str = "nf4", block_size: int = 64, double_quan
         PrecisionError: `w` holds NaN or inf (names `name`).
     """
     _check_fmt(fmt)
-    _check_block(block_size)
+    check_block(block_size)
     if not w.is_floating_point():
         raise ConfigError(f"tensor {name} has dtype {w.dtype}; only floating-point weights can be quantized")
     flat = w.detach().reshape(-1)
@@ -192,7 +193,7 @@ def quantize_blockwise_8bit(x: Tensor, block_size: int = 256) -> tuple[Tensor, T
 
     Each value becomes the index of the nearest entry of `dynamic_map()` to `x * (1 / absmax)` (clamped to [-1, 1]).
     """
-    _check_block(block_size)
+    check_block(block_size)
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
     xb = F.pad(flat, (0, (-n) % block_size)).view(-1, block_size)

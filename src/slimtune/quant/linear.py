@@ -31,7 +31,7 @@ from slimtune.quant.bitnet import act_quant_int8, pack_ternary, ternary_quant, u
 from slimtune.quant.blockwise import (
     FORMATS_4BIT,
     Quant4bit,
-    _check_block,
+    check_block,
     dequantize_4bit,
     from_bnb_state_dict,
     quantize_4bit,
@@ -95,7 +95,7 @@ def _check_args(fmt: str, in_f: int, group: int | None, name: str) -> int | None
         if in_f % per:
             raise ConfigError(f"layer {name}: width {in_f} is not a multiple of {per}, needed to pack {fmt} codes")
     else:
-        _check_block(group, f"layer {name}: block size")
+        check_block(group, f"layer {name}: block size")
     return group
 
 
