@@ -120,11 +120,17 @@ def test_wrong_base_is_refused_and_the_model_untouched(tmp_path):
                                               r"\.weight \(4, 64\) has no place in this model"):
         P.load_adapter(shallow, tmp_path / "deep")
     _untouched(shallow, before)
+    # a listed name that matches nothing is tolerated in a file (as PEFT), not in a config the user writes
+    cfg["target_modules"] = ["q_proj", "v_proj", "c_attn"]
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({**cfg, "r": 4}))
+    fresh = tiny()
+    P.load_adapter(fresh, tmp_path / "ad")
+    assert isinstance(fresh.model.layers[1].self_attn.q_proj, LoraLinear)
     # targets that do not exist at all
     cfg["target_modules"] = ["c_attn"]
     (tmp_path / "deep" / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"adapter does not fit Decoder: target module 'c_attn' matches no "
-                                              r"linear module"):
+    with pytest.raises(CheckpointError, match=r"adapter does not fit Decoder: target_modules \['c_attn'\] "
+                                              r"selects no module of Decoder; linear modules here: q_proj, k_proj"):
         P.load_adapter(shallow, tmp_path / "deep")
     _untouched(shallow, before)
 

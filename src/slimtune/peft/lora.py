@@ -75,7 +75,9 @@ class LoraConfig(MethodConfig):
         for k in UNSUPPORTED_PEFT_OPTIONS:
             if d.get(k):
                 raise ConfigError(f"the adapter uses PEFT option {k}={d[k]!r}, which slimtune does not support")
-        return super().from_peft_json(d)
+        cfg = super().from_peft_json(d)
+        cfg._from_file = True  # not a field: PEFT tolerates listed names that match nothing; so do files read back
+        return cfg
 
     def rank_alpha(self, path: str) -> tuple[int, float]:
         """(r, alpha) of module `path`: the first rank_pattern / alpha_pattern key that matches its end (as PEFT)."""
@@ -88,7 +90,7 @@ class LoraConfig(MethodConfig):
 
     def targets(self, model: nn.Module) -> list[str]:
         return find_targets(model, self.target_modules, self.layers_to_transform, self.layers_pattern,
-                            self.exclude_modules)
+                            self.exclude_modules, strict=not getattr(self, "_from_file", False))
 
 
 @dataclass

@@ -77,7 +77,8 @@ def _suffixes(names: list[str]) -> str:
 def find_targets(model: nn.Module, target_modules: str | list[str] | tuple[str, ...],
                  layers_to_transform: int | list[int] | None = None,
                  layers_pattern: str | list[str] | None = None,
-                 exclude_modules: str | list[str] | None = None, linear_only: bool = True) -> list[str]:
+                 exclude_modules: str | list[str] | None = None, linear_only: bool = True,
+                 strict: bool = True) -> list[str]:
     """Paths of the modules to adapt, in model order.
 
     Args:
@@ -89,6 +90,8 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | tuple[str, 
         layers_pattern: the name of the block container ('layers', 'h', ...), default: the common ones.
         exclude_modules: names / suffixes / regular expressions to leave out.
         linear_only: match only linear layers (LoRA); False lets a method target other modules by name.
+        strict: every listed name must match something (catches typos); False (configs read from adapter files, as
+            PEFT) only requires that something matches.
     Returns:
         the module paths, deduplicated.
     Raises:
@@ -111,7 +114,7 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | tuple[str, 
         chosen = []
         for t in listed:
             hit = [n for n in pool if matches(n, t)]
-            if not hit:
+            if not hit and strict:
                 raise ConfigError(f"target module {t!r} matches no {'linear ' if linear_only else ''}module of "
                                   f"{type(model).__name__}; linear modules here: {_suffixes(linear)}")
             chosen += hit
@@ -123,8 +126,9 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | tuple[str, 
         keep = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
         chosen = [n for n in chosen if layer_index(n, layers_pattern) in keep]
     if not chosen:
-        raise ConfigError(f"target_modules {target_modules!r} (layers {layers_to_transform}) selects no module of "
-                          f"{type(model).__name__}; linear modules here: {_suffixes(linear)}")
+        where = f" in layers {layers_to_transform}" if layers_to_transform is not None else ""
+        raise ConfigError(f"target_modules {target_modules!r}{where} selects no module of {type(model).__name__}; "
+                          f"linear modules here: {_suffixes(linear)}")
     return chosen
 
 
