@@ -23,7 +23,7 @@ def quickstart_overrides(steps: int, out: str, device: str) -> list[str]:
     from slimtune.data import sample_path
 
     return [f"data={sample_path()}", "model=builtin", "method=lora", "rank=16", "alpha=32", "targets=all-linear",
-            "val_fraction=0.05", "max_length=256", "batch_size=4", "lr=3e-3", "warmup_steps=5",
+            "val_fraction=0.05", "max_length=192", "batch_size=4", "lr=3e-3", "warmup_steps=5",
             f"max_steps={steps}", f"out_dir={out}", f"device={device}", "precision=auto"]
 
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     s = train(cfg, log=say)
     model, tok = s.pop("model"), s.pop("tokenizer")
     model.eval()
-    res = generate_text(model, tok, [PROMPT], SamplingConfig(max_new_tokens=80), chat=True)
+    res = generate_text(model, tok, [PROMPT], SamplingConfig(max_new_tokens=80, repetition_penalty=1.3), chat=True)
     answer = res["outputs"][0]
     out = Path(cfg.out_dir)
     sample = out / "sample_answer.txt"

@@ -1,0 +1,63 @@
+"""Recipe tests: a 2-layer model trained for a few steps through the whole pipeline (data, LoRA or full, AdamW,
+warmup + cosine, gradient accumulation, clipping) with its first losses pinned, so that any change of numerics shows."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimtune.data import sample_path
+from slimtune.train import load_config, train
+from slimtune.train.loop import lr_at, read_metrics
+
+# produced by this test's own setting on the CPU (torch 2.13, fp32, one thread); a change here means a change of numerics
+PINNED = {
+    "lora": [5.759906768798828, 5.7591552734375, 5.688315391540527, 5.616824150085449, 5.576874732971191],
+    "full": [5.759906768798828, 5.602293014526367, 5.293323516845703, 5.10615348815918, 4.942829608917236],
+}
+
+
+def tiny_dir(tmp: Path) -> Path:
+    from slimtune.checkpoint import save_model
+    from slimtune.models.config import ModelConfig
+    from slimtune.models.decoder import Decoder, init_weights
+    from slimtune.models.tiny import builtin_tokenizer
+
+    cfg = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=[2, 6],
+                      pad_token_id=0)
+    return save_model(init_weights(Decoder(cfg), 0), tmp / "model", tokenizer=builtin_tokenizer())
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_first_losses_pinned(method, tmp_path):
+    extra = ["rank=8", "alpha=16", "targets=all-linear"] if method == "lora" else []
+    cfg = load_config(None, [f"model={tiny_dir(tmp_path)}", f"data={sample_path()}", "data_limit=32",
+                             "max_length=64", f"method={method}", "batch_size=4", "grad_accum=2", "max_steps=5",
+                             "lr=3e-3", "warmup_steps=2", "max_grad_norm=1.0", "weight_decay=0.01",
+                             "precision=fp32", f"out_dir={tmp_path / 'out'}", "progress=false", "plot=false",
+                             "save_final=false", "seed=0"] + extra)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(cfg, log=lambda m: None)
+    finally:
+        torch.set_num_threads(n)
+    got = [r["loss"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    print(method, got)
+    assert got[-1] < got[0]
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                               torch.tensor(PINNED[method], dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def test_schedule_shapes():
+    cfg = load_config(None, ["data=x", "lr=1.0", "min_lr=0.1", "warmup_steps=4", "schedule=cosine"])
+    lrs = [lr_at(s, cfg, 14) for s in range(14)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]  # linear warmup
+    assert lrs[4] == 1.0 and abs(lrs[-1] - 0.1) < 1e-12  # cosine from lr down to min_lr
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    cfg.schedule = "linear"
+    assert abs(lr_at(9, cfg, 14) - 0.5) < 1e-12  # halfway through the decay (steps 4..13)
+    cfg.schedule = "constant"
+    assert lr_at(13, cfg, 14) == 1.0
