@@ -232,7 +232,8 @@ def resolve(path: str | Path) -> Path:
 
 # ---- loading --------------------------------------------------------------------------------------------------------
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               force: bool = False):
+               force: bool = False, quantize: str | None = None, group_size: int | None = None,
+               double_quant: bool | None = None, quant_skip: tuple[str, ...] = ("lm_head",)):
     """Load a Hugging Face checkpoint folder (or 'builtin') into a `Decoder`.
 
     Args:
@@ -240,6 +241,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         dtype: None or 'auto' keeps the checkpoint's declared torch_dtype; otherwise cast (precision-guarded).
         device: where the weights go; each tensor is moved as it is read.
         force: cast even when the precision guard refuses.
+        quantize: a `slimtune.quant` format (nf4 for QLoRA, int8, int4, ...): each linear weight but `quant_skip`
+            is quantized on `device` as soon as it is read, so the 16-bit model is never in memory at once (peak:
+            the quantized model plus one 16-bit tensor). double_quant defaults to True for nf4/fp4.
     Returns:
         (model, config), the model in eval mode.
     Raises:
@@ -254,7 +258,12 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         model = builtin_model(0)
         if dtype is not None:
             model.config.dtype = str(dtype)[6:]
-        return model.to(device=device, dtype=dtype).eval(), model.config
+        model = model.to(device=device, dtype=dtype).eval()
+        if quantize:
+            from slimtune.quant.linear import quantize_model
+
+            quantize_model(model, quantize, group_size, double_quant, skip=quant_skip)
+        return model, model.config
     folder = resolve(path)
     cfg = ModelConfig.from_file(folder / "config.json")
     target = dtype or cfg.torch_dtype
@@ -262,6 +271,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     with torch.device("meta"):
         model = Decoder(cfg)
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    quantized: set[str] = set()  # names of linear modules to quantize while loading
+    if quantize:
+        from slimtune.quant.linear import QuantLinear, linear_names
+
+        quantized = set(linear_names(model, tuple(quant_skip)))
+        if double_quant is None:
+            double_quant = quantize in ("nf4", "fp4")  # QLoRA's default
     sd: dict[str, Tensor] = {}
     for name, t in iter_tensors(folder):
         if name.endswith(IGNORED_SUFFIXES):
@@ -276,6 +292,15 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
             if not force:
                 check_cast(name, t, target)
             t = t.to(target)
+        module, _, leaf = name.rpartition(".")
+        if module in quantized and leaf == "weight":
+            lin = model.get_submodule(module)
+            q = QuantLinear.from_weight(t.to(device), None, quantize, group_size, double_quant, name)
+            if lin.bias is not None:  # the bias (read before or after) stays 16-bit and loads below
+                q.bias = torch.nn.Parameter(torch.empty_like(lin.bias, dtype=target), requires_grad=False)
+            model.set_submodule(module, q)
+            sd.update({f"{module}.{k}": v for k, v in q.state_dict().items() if k != "bias"})  # packed + scales
+            continue
         sd[name] = t.to(device)
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
@@ -284,7 +309,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     if missing:
         raise CheckpointError(f"{folder}: tensor {missing[0]} is missing ({len(missing)} missing in all); the "
                               "checkpoint is incomplete or of another architecture")
-    model.load_state_dict(sd, assign=True, strict=not cfg.tie_word_embeddings)
+    model.load_state_dict(sd, assign=True, strict=not (cfg.tie_word_embeddings or quantized))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval(), cfg

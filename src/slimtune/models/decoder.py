@@ -165,9 +165,15 @@ class Backbone(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # on the meta device, skip nn.Embedding's normal_ init: its meta kernel imports torch._dynamo (2-4 s)
+        meta = torch.empty(0).is_meta
+
+        def embedding(n: int, d: int) -> nn.Embedding:
+            return nn.Embedding(n, d, _weight=torch.empty(n, d) if meta else None)
+
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         if cfg.learned_positions:
-            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+            self.embed_positions = embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
 
