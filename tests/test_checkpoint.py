@@ -119,3 +119,20 @@ def test_cli_json_outputs_one_object(tmp_path):
     assert shapes["llama3-8b"] == 8_030_261_248 and shapes["llama2-7b"] == 6_738_415_616
     r = slimtune("convert", "builtin", tmp_path / "c", "--dtype", "bf16", "--json")
     assert r.returncode == 0 and "model.safetensors" in json.loads(r.stdout)["files"]
+
+
+def test_quantize_while_loading_equals_quantize_after(hf_folder):
+    """load_model(quantize=nf4) quantizes each weight as it is read; same layers as quantizing the loaded model."""
+    from slimtune.quant.linear import QuantLinear, quantize_model
+
+    arch, folder, _ = hf_folder
+    a, _ = load_model(folder, quantize="nf4")
+    b, _ = load_model(folder)
+    quantize_model(b, "nf4")
+    assert isinstance(a.model.layers[1].mlp.down_proj, QuantLinear) and a.model.layers[1].mlp.down_proj.double_quant
+    assert not any(t.is_meta for t in [*a.parameters(), *a.buffers()])
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    ids = torch.randint(3, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(a(ids), b(ids))
