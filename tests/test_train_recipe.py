@@ -61,3 +61,20 @@ def test_schedule_shapes():
     assert abs(lr_at(9, cfg, 14) - 0.5) < 1e-12  # halfway through the decay (steps 4..13)
     cfg.schedule = "constant"
     assert lr_at(13, cfg, 14) == 1.0
+
+
+def test_qlora_trains_over_a_quantized_base(tmp_path):
+    from slimtune.quant import QuantLinear
+    from slimtune.train.loop import build_model
+
+    cfg = load_config(None, [f"model={tiny_dir(tmp_path)}", f"data={sample_path()}", "data_limit=16",
+                             "max_length=64", "method=qlora", "rank=4", "targets=all-linear", "batch_size=4",
+                             "max_steps=4", "lr=5e-3", "precision=fp32", f"out_dir={tmp_path / 'out'}",
+                             "progress=false", "plot=false", "seed=0"])
+    model, _, counts = build_model(cfg, torch.device("cpu"))
+    q = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(q) == 14 and all(m.fmt == "nf4" for m in q)  # 7 linears x 2 layers; lm_head stays dense
+    s = train(cfg, log=lambda m: None)
+    got = [r["loss"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert len(got) == 4 and got[-1] < got[0]
+    assert (Path(s["final"]) / "adapter_model.safetensors").is_file()

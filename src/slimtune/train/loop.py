@@ -95,7 +95,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Prec
         except ImportError:
             raise ConfigError("method=qlora is not available yet in this build (slimtune.quant is missing); "
                               "fix: use method=lora") from None
-        model, _ = load_model(cfg.model, dtype=prec.compute_dtype or torch.bfloat16, device="cpu")
+        model, _ = load_model(cfg.model, dtype=prec.compute_dtype or torch.float32, device="cpu")
         quantize_model(model, cfg.quant, device=device)  # layer by layer: no 16-bit copy of the model on the GPU
         model.to(device)
     else:
@@ -364,7 +364,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     Outputs in cfg.out_dir: config.yaml, metrics.jsonl, loss.png, checkpoints/step-N/, and adapter/ (PEFT format)
     or model/ (full fine-tuning, a Hugging Face folder).
     Returns:
-        summary: steps, loss, val_before / val_after, tokens_per_s, peak_mem_gib, seconds, interrupted, paths.
+        summary: steps, loss, val_before / val_after, tokens_per_s, peak_mem_gib, seconds, interrupted, paths;
+        plus 'model' and 'tokenizer' (the trained objects, for generation; pop them before serialising).
     Raises:
         SlimtuneError subclasses for bad config, data, checkpoints; TrainingError when the loss diverges.
     """
