@@ -266,6 +266,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         return model, model.config
     folder = resolve(path)
     cfg = ModelConfig.from_file(folder / "config.json")
+    qc = cfg.hf.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "slimtune":  # written by `slimtune quantize`
+        from slimtune.quant.ptq import load_quantized
+
+        return load_quantized(folder, cfg, dtype, device, force)
     target = dtype or cfg.torch_dtype
     cfg.dtype = str(target)[6:]
     with torch.device("meta"):

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "merge-adapter": "slimtune.commands.adapter",
     "memory": "slimtune.commands.memory",
     "plan": "slimtune.commands.plan",
+    "quantize": "slimtune.commands.quantize",
 }
 
 
