@@ -13,20 +13,7 @@ import json
 import time
 
 import torch
-
-
-def materialise(model, device, dtype, seed=0):
-    """Random normal(0, 0.02) weights (norms at 1) in `dtype` on `device`, for a model built on the meta device."""
-    model.to_empty(device=device)
-    model.to(dtype)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02, generator=g)
-    return model
+from decode_8b import materialise  # random normal(0, 0.02) weights on the device, norms at 1
 
 
 def matmul_weights(cfg) -> int:
@@ -46,7 +33,7 @@ def run(mode: str, a, device: torch.device) -> dict:
     mcfg = get_shape(a.shape)
     full = mode == "full"
     prec = resolve_precision(a.precision, device, full=full)
-    model = materialise(build_meta(mcfg), device, prec.weight_dtype if full else prec.frozen_dtype)
+    model = materialise(build_meta(mcfg).to(prec.weight_dtype if full else prec.frozen_dtype), device)
     if not full:
         apply_method(model, {"method": "lora", "r": a.rank, "lora_alpha": a.rank, "target_modules": "all-linear"})
         freeze_base(model)
