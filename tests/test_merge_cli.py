@@ -117,7 +117,8 @@ def test_slerp_layer_schedule(models, tmp_path):
         torch.testing.assert_close(got[k], M.slerp(i / 3, s0[k], s1[k]))
         k = f"model.layers.{i}.mlp.down_proj.weight"
         torch.testing.assert_close(got[k], M.slerp(0.25, s0[k], s1[k]))
-    torch.testing.assert_close(got["model.layers.0.self_attn.o_proj.weight"], s0["model.layers.0.self_attn.o_proj.weight"])
+    k = "model.layers.0.self_attn.o_proj.weight"
+    torch.testing.assert_close(got[k], s0[k])  # t = 0 at layer 0: the base
     # the same merge in mergekit's usual slerp layout (one slice over all layers) gives the same model
     sliced = {"merge_method": "slerp", "base_model": str(models / "m0"), "parameters": {"t": t},
               "slices": [{"sources": [{"model": str(models / f"m{i}"), "layer_range": [0, 4]} for i in (0, 1)]}]}
@@ -213,8 +214,9 @@ def test_lora_inputs_and_adapter_output(models, tmp_path):
     assert run(tmp_path, doc, "full") == 0
     s0, got = sd(models / "m0"), sd(tmp_path / "full")
     p = "base_model.model.model.layers.2.self_attn.v_proj."
-    want = s0["model.layers.2.self_attn.v_proj.weight"] + 0.7 * 2.0 * a1[p + "lora_B.weight"] @ a1[p + "lora_A.weight"] \
-        + 0.4 * 1.0 * a2[p + "lora_B.weight"] @ a2[p + "lora_A.weight"]
+    # scale = alpha / r: 8 / 4 = 2 for adapter 1, 2 / 2 = 1 for adapter 2
+    want = (s0["model.layers.2.self_attn.v_proj.weight"] + 0.7 * 2.0 * a1[p + "lora_B.weight"] @ a1[p + "lora_A.weight"]
+            + 0.4 * 1.0 * a2[p + "lora_B.weight"] @ a2[p + "lora_A.weight"])
     torch.testing.assert_close(got["model.layers.2.self_attn.v_proj.weight"], want)
     torch.testing.assert_close(got["model.layers.2.mlp.up_proj.weight"], s0["model.layers.2.mlp.up_proj.weight"])
     # PEFT agrees on what adapter 1 means (scale = alpha / r, keys)

@@ -64,7 +64,8 @@ def test_linear_matches_weighted_average(normalize):
 def test_task_arithmetic(normalize, lam):
     base, a, b = rand(6, 4, seed=1), rand(6, 4, seed=2), rand(6, 4, seed=3)
     w = [0.3, 0.8]
-    want = base.double() + lam * (w[0] * (a - base).double() + w[1] * (b - base).double()) / (sum(w) if normalize else 1)
+    mix = w[0] * (a - base).double() + w[1] * (b - base).double()
+    want = base.double() + lam * mix / (sum(w) if normalize else 1)
     close(M.task_arithmetic(base, [a, b], w, normalize, lam), want)
 
 
@@ -239,3 +240,67 @@ def test_config_refusals_are_one_line(doc, msg):
     with pytest.raises(ConfigError) as e:
         parse_config(doc, "cfg.yaml")
     assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_mergekit_readme_configs_parse_unchanged():
+    import yaml
+
+    ties_doc = yaml.safe_load("""
+models:
+  - model: psmathur/orca_mini_v3_13b
+    parameters:
+      density: [1, 0.7, 0.1] # density gradient
+      weight: 1.0
+  - model: garage-bAInd/Platypus2-13B
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1] # weight gradient
+  - model: WizardLM/WizardMath-13B-V1.0
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: TheBloke/Llama-2-13B-fp16
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+""")
+    cfg = parse_config(ties_doc)
+    mid = "model.layers.20.mlp.up_proj.weight"  # depth 20 / 39 of 40 layers
+    pos = 20 / 39
+    assert cfg.value("density", mid, 40, 0) == pytest.approx((1 - (2 * pos - 1)) * 0.7 + (2 * pos - 1) * 0.1)
+    x = 3 * pos
+    assert cfg.value("weight", mid, 40, 1) == pytest.approx((1 - (x - 1)) * 0.3 + (x - 1) * 0.7)
+    assert cfg.value("weight", mid, 40, 2) == 0.5
+    assert cfg.value("weight", "model.layers.20.self_attn.q_proj.weight", 40, 2) == 0
+    assert cfg.value("density", "model.embed_tokens.weight", 40, 0) == 1  # embeddings sit at depth 0
+    assert any("int8_mask" in n for n in cfg.notes)
+    slerp_doc = yaml.safe_load("""
+slices:
+  - sources:
+      - model: psmathur/orca_mini_v3_13b
+        layer_range: [0, 40]
+      - model: garage-bAInd/Platypus2-13B
+        layer_range: [0, 40]
+merge_method: slerp
+base_model: psmathur/orca_mini_v3_13b
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5 # fallback for rest of tensors
+dtype: float16
+""")
+    cfg = parse_config(slerp_doc)
+    assert [m.layer_range for m in cfg.models] == [(0, 40), (0, 40)]
+    assert cfg.value("t", "model.layers.0.self_attn.k_proj.weight", 40) == 0
+    assert cfg.value("t", "model.layers.39.mlp.down_proj.weight", 40) == 0
+    x = 4 * 13 / 39  # segment 1 of [0, 0.5, 0.3, 0.7, 1]: from 0.5 down to 0.3
+    assert cfg.value("t", "model.layers.13.self_attn.k_proj.weight", 40) == pytest.approx(0.5 + (x - 1) * -0.2)
+    assert cfg.value("t", "model.norm.weight", 40) == 0.5

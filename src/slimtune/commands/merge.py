@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-HELP = "merge models or LoRA adapters (linear, task_arithmetic, ties, dare_linear, dare_ties, slerp) from a mergekit YAML"
+HELP = "merge models or LoRA adapters (linear, task_arithmetic, ties, dare_*, slerp) from a mergekit YAML config"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

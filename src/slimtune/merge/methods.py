@@ -36,7 +36,7 @@ def linear(tensors: list[Tensor], weights: list[float], normalize: bool = True) 
     return out
 
 
-# ---- TIES trim: the exact k-th largest |delta|, found in two passes over chunks ---------------------------------------
+# ---- TIES trim: the exact k-th largest |delta|, found in two passes over chunks -------------------------------------
 def topk_thresholds(passes: Callable[[], Iterable[list[Tensor]]], ks: list[int]) -> list[float]:
     """For each of n streams of non-negative values, the exact k-th largest value, without holding a whole stream.
 
@@ -85,7 +85,7 @@ def trim_count(density: float, numel: int) -> int | None:
 
 
 def magnitude_trim(delta: Tensor, density: float) -> Tensor:
-    """TIES trim (Yadav et al. 2023, step 1) of a whole tensor: keep the top `density` fraction of |delta|, zero the rest."""
+    """TIES trim (Yadav et al. 2023, step 1) of a whole tensor: keep the top `density` fraction of |delta|."""
     k = trim_count(density, delta.numel())
     if k is None:
         return delta
@@ -130,9 +130,9 @@ def combine(base: Tensor, deltas: list[Tensor], weights: list[float], consensus:
     """base + lam * mix(w_i delta_i), mergekit's generalized task arithmetic.
 
     Without consensus (task arithmetic, dare_linear): mix = sum_i w_i delta_i, divided by sum_i w_i when `normalize`.
-    With consensus (TIES step 2-3, dare_ties): each entry's sign is elected as the sign of sum_i w_i delta_i (>= 0 counts
-    as +), and only the entries whose weighted delta has that sign are summed ("disjoint merge"); with `normalize`
-    they are divided by the sum of the weights of the entries kept (a weighted disjoint mean), else summed.
+    With consensus (TIES steps 2-3, dare_ties): each entry's sign is elected as the sign of sum_i w_i delta_i (>= 0
+    counts as +), and only the entries whose weighted delta has that sign are summed ("disjoint merge"); with
+    `normalize` they are divided by the sum of the weights of the entries kept (a weighted disjoint mean).
     Shapes: base and each delta (...); weights one float per delta.
     """
     if not deltas:
@@ -175,7 +175,7 @@ def ties(base: Tensor, models: list[Tensor], weights: list[float], densities: li
 
 def dare(base: Tensor, models: list[Tensor], weights: list[float], densities: list[float], seed: int, name: str,
          use_ties: bool, normalize: bool = False, rescale: bool = True, lam: float = 1.0) -> Tensor:
-    """dare_linear (use_ties False) or dare_ties of whole tensors; the drop mask of model i is keyed by f"{name}#{i}"."""
+    """dare_linear (use_ties False) or dare_ties of whole tensors; model i's drop mask is keyed by f"{name}#{i}"."""
     deltas = []
     for i, (m, d) in enumerate(zip(models, densities)):
         delta = m - base
