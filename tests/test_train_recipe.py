@@ -11,10 +11,12 @@ from slimtune.data import sample_path
 from slimtune.train import load_config, train
 from slimtune.train.loop import lr_at, read_metrics
 
-# produced by this test's own setting on the CPU (torch 2.13, fp32, one thread); a change here means a change of numerics
+# produced by this test's own setting on the CPU (torch 2.13, fp32, one thread): a change means changed numerics
 PINNED = {
-    "lora": [5.759906768798828, 5.7591552734375, 5.688315391540527, 5.616824150085449, 5.576874732971191],
-    "full": [5.759906768798828, 5.602293014526367, 5.293323516845703, 5.10615348815918, 4.942829608917236],
+    "lora": [5.759906768798828, 5.7591552734375, 5.688315391540527, 5.616824150085449,
+             5.576874732971191],
+    "full": [5.759906768798828, 5.602293014526367, 5.293323516845703, 5.10615348815918,
+             4.942829608917236],
 }
 
 

@@ -12,7 +12,7 @@ PROMPT = "Give three tips for staying healthy."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
     p.add_argument("--out", default="quickstart-out", help="output folder (default ./quickstart-out)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--json", action="store_true", help="print one JSON summary object instead of the story")
@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     s = train(cfg, log=say)
     model, tok = s.pop("model"), s.pop("tokenizer")
     model.eval()
-    res = generate_text(model, tok, [PROMPT], SamplingConfig(max_new_tokens=80, repetition_penalty=1.3), chat=True)
+    sc = SamplingConfig(max_new_tokens=80, temperature=0.7, top_p=0.9, seed=0)
+    res = generate_text(model, tok, [PROMPT], sc, chat=True)
     answer = res["outputs"][0]
     out = Path(cfg.out_dir)
     sample = out / "sample_answer.txt"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from slimtune.errors import ConfigError, SlimtuneError
-from slimtune.train.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from slimtune.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from slimtune.train.config import TrainConfig, save_config
 from slimtune.train.precision import AdamWFp32State, Precision, apply_precision, resolve_precision
 
@@ -400,8 +400,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         if ckpt is None:
             log(f"resume=latest: no checkpoint in {out / 'checkpoints'} yet; starting from step 0")
         else:
+            _check_resume(json.loads((ckpt / "state.json").read_text()).get("config", {}), cfg, ckpt)
             state = load_checkpoint(ckpt, model, optimizer, scaler)
-            _check_resume(state.get("config", {}), cfg, ckpt)
             it.load_state_dict(state["data"])
             step, last_ckpt = int(state["step"]), ckpt
             log(f"resumed from {ckpt} at step {step}")
