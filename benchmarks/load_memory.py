@@ -4,7 +4,8 @@
 
 Writes the checkpoint once (sharded, 1 GB shards), then loads it with `slimtune.checkpoint.load_model` in a fresh
 process and prints one JSON line: bytes on disk, peak RSS of the loading process, RSS before loading (interpreter +
-torch), and the ratios. The target (issue 2) is peak RSS <= 1.3 x the checkpoint's size.
+torch), and the ratios. The target (issue 2) is peak RSS <= 1.3 x the checkpoint's size. Run it twice: Linux
+carries ru_maxrss across exec, so the first run's child may report the parent's peak from writing the checkpoint.
 """
 import argparse
 import json
