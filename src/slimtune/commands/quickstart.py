@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     s = train(cfg, log=say)
     model, tok = s.pop("model"), s.pop("tokenizer")
     model.eval()
-    sc = SamplingConfig(max_new_tokens=80, temperature=0.7, top_p=0.9, seed=0)
+    sc = SamplingConfig(max_new_tokens=80, temperature=0.8, top_k=8, seed=0)  # top-k: no stray bytes
     res = generate_text(model, tok, [PROMPT], sc, chat=True)
     answer = res["outputs"][0]
     out = Path(cfg.out_dir)
