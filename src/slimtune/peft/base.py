@@ -27,6 +27,7 @@ METHOD_MODULES: list[str] = [
     "slimtune.peft.prefix",
     "slimtune.peft.ptuning",
     "slimtune.peft.partial",
+    "slimtune.peft.qat",
 ]
 
 FILE_PREFIX = "base_model.model."  # PEFT's prefix of a module path inside adapter_model.safetensors
