@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", type=int, help="group / block size of int4, nf4, fp4 and of --bits layers (default 64)")
     p.add_argument("--bits", type=float, help="mixed budget: average code bits per weight (2..8), layers get 2, 3, 4 "
                                               "or 8 bits by their measured sensitivity")
+    p.add_argument("--adapter", help="a qat / bitnet training result (adapter folder): convert the trained layers to "
+                                     "their real quantized format instead of quantizing after training")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--eval", help="text or instruction file for perplexity and calibration (default: the bundled "
                                   "Alpaca sample)")
@@ -33,6 +35,8 @@ def _mib(n: int) -> str:
 def run(args: argparse.Namespace) -> int:
     from slimtune.quant.ptq import quantize_checkpoint
 
+    if args.adapter:
+        return _export_trained(args)
     rep = quantize_checkpoint(args.model, args.out, args.format, args.group, args.bits, args.eval, args.eval_limit,
                               args.max_length, not args.no_eval, args.device,
                               calib_rows=args.calib_rows)
@@ -59,4 +63,28 @@ def run(args: argparse.Namespace) -> int:
                   f"{s['8']:>9.5f} {r['rel_error']:>8.4f}")
     for o in rep["outliers"]:
         print(f"warning: {o}")
+    return 0
+
+
+def _export_trained(args: argparse.Namespace) -> int:
+    """MODEL + a qat / bitnet adapter -> a quantized checkpoint with the formats the layers trained for."""
+    from slimtune.checkpoint import load_model, load_tokenizer
+    from slimtune.errors import ConfigError
+    from slimtune.peft import load_adapter, model_adapters
+    from slimtune.peft.qat import export_quantized
+
+    if args.format or args.bits:
+        raise ConfigError("quantize --adapter: the format is the one the adapter trained for; drop --format / --bits")
+    model, _ = load_model(args.model, device=args.device)
+    name = load_adapter(model, args.adapter)
+    method = model_adapters(model)[name].method
+    if method not in ("qat", "bitnet"):
+        raise ConfigError(f"quantize --adapter: {args.adapter} is a {method} adapter; only qat / bitnet results "
+                          "convert (merge LoRA adapters with slimtune merge-adapter, then quantize)")
+    out = export_quantized(model, args.out, tokenizer=load_tokenizer(args.model))
+    fmts = sorted({m.fmt for m in model.modules() if hasattr(m, "fmt")})
+    if args.json:
+        print(json.dumps({"out": str(out), "method": method, "formats": fmts}))
+    else:
+        print(f"converted the {method}-trained layers ({', '.join(fmts)}) -> {out}")
     return 0
