@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from slimtune.errors import PrecisionError
 
@@ -164,8 +164,3 @@ class AdamWFp32State(torch.optim.Optimizer):
                 for k in ("exp_avg", "exp_avg_sq"):
                     self.state[p][k] = saved[i][k].to(device=p.device, dtype=torch.float32).clone()
 
-
-def grads_finite(params: list[Tensor]) -> bool:
-    """True when no gradient holds inf or NaN (one reduction per tensor, one sync)."""
-    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-    return bool(torch.stack(flags).all()) if flags else True
