@@ -43,7 +43,7 @@ def write_random_checkpoint(cfg, folder: Path, device: str, seed: int = 0) -> Pa
     def rnd(*shape):
         return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
 
-    ones = lambda n: torch.ones(n, dtype=torch.bfloat16)  # noqa: E731
+    ones = lambda n: torch.ones(n, dtype=torch.bfloat16)
     shards = [{"model.embed_tokens.weight": rnd(V, d)}]
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-gc", action="store_true")
     ap.add_argument("--workdir", default="/tmp/slimtune_qlora_model")
+    ap.add_argument("--model", help="an existing bf16 HF checkpoint of the shape instead (e.g. the one hf_baseline.py "
+                                    "wrote to /tmp/anchor_model), to save writing a second copy")
     ap.add_argument("--out", default="/tmp", help="folder for results.jsonl")
     a = ap.parse_args()
 
@@ -90,7 +92,7 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seq = a.seq or (2048 if a.shape != "tiny" else 128)
     cfg = get_shape(SHAPES[a.shape])
-    folder = write_random_checkpoint(cfg, Path(a.workdir) / a.shape, dev.type)
+    folder = Path(a.model) if a.model else write_random_checkpoint(cfg, Path(a.workdir) / a.shape, dev.type)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -146,3 +146,18 @@ def test_mixed_budget_cli_report_is_consistent(tiny, tmp_path, capsys):
     over = sum(r["params"] * (32 / (256 if "down" in r["layer"] else 128) if r["bits"] == 8 else 40 / 64)
                for r in alloc) / N
     assert rep["bits_overhead"] == pytest.approx(over)
+
+
+def test_plain_text_eval_file(tiny, tmp_path, capsys):
+    from slimtune.data import sample_path
+
+    recs = json.loads(Path(sample_path()).read_text())[:30]
+    txt = tmp_path / "eval.txt"
+    txt.write_text("\n\n".join(r["output"] for r in recs), encoding="utf-8")
+    rep = run_json(capsys, ["quantize", str(tiny), "--format", "nf4", "--eval", str(txt), "--max-length", "64",
+                            "--out", str(tmp_path / "q")])
+    n_tok = len(txt.read_text().encode("utf-8"))  # the byte-level tokenizer: one token per byte
+    assert rep["eval_rows"] == (n_tok // 64) // 2 and rep["ppl_after"] > 1
+    (tmp_path / "short.txt").write_text("too short")
+    assert main(["quantize", str(tiny), "--format", "nf4", "--eval", str(tmp_path / "short.txt"), "--out",
+                 str(tmp_path / "x")]) == 2

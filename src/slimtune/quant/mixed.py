@@ -88,7 +88,7 @@ def allocate_bits(sizes: dict[str, int], sens: dict[str, dict[int, float]], budg
         units = [max(1, round(sizes[n] / g)) for n in names]
         total = sum(units)
     cap = budget * total
-    C = int(math.floor(cap + 1e-9))
+    C = math.floor(cap + 1e-9)
     integral = abs(cap - round(cap)) < 1e-9
     dp = np.full(C + 1, np.inf)
     dp[0] = 0.0

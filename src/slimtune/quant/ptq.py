@@ -40,11 +40,44 @@ def quant_config(fmt: str, group_size: int | None, double_quant: bool, skip: tup
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------------
-def eval_data(path: str | Path | None, tokenizer, limit: int, max_length: int):
-    """(calibration rows, evaluation rows) from a text or instruction file (default: the bundled Alpaca sample):
-    its first `limit` records split half and half (seeded), tokenized and packed by `slimtune.data`."""
-    from slimtune.data import DataConfig, build_datasets, sample_path
+class TextRows:
+    """Rows of `max_length` tokens cut from one plain text (every token trained); the `TokenDataset` batch API."""
 
+    def __init__(self, ids: list[int], max_length: int) -> None:
+        n = len(ids) // max_length
+        self.rows = torch.tensor(ids[: n * max_length], dtype=torch.long).view(n, max_length)  # (rows, T)
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def collate(self, indices) -> dict[str, torch.Tensor]:
+        x = self.rows[list(indices)]
+        return {"input_ids": x, "labels": x.clone()}
+
+
+def eval_data(path: str | Path | None, tokenizer, limit: int, max_length: int):
+    """(calibration rows, evaluation rows) from an instruction / chat / text-record file (default: the bundled Alpaca
+    sample): its first `limit` records split half and half (seeded), tokenized and packed by `slimtune.data`. A plain
+    `.txt` file is tokenized whole and cut into rows, alternately calibration and evaluation.
+
+    Raises:
+        DataError: an unreadable file, too little text for two rows.
+    """
+    from slimtune.data import DataConfig, build_datasets, sample_path
+    from slimtune.errors import DataError
+
+    if path is not None and Path(path).suffix.lower() == ".txt":
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: cannot read it as UTF-8 text ({type(e).__name__})") from None
+        rows = TextRows(tokenizer(text)["input_ids"], max_length)
+        if len(rows) < 2:
+            raise DataError(f"{path}: fewer than 2 x {max_length} tokens of text; fix: a longer file or a smaller "
+                            "--max-length")
+        calib, val = TextRows([], max_length), TextRows([], max_length)
+        calib.rows, val.rows = rows.rows[0::2], rows.rows[1::2]
+        return calib, val
     dc = DataConfig(path=str(path or sample_path()), limit=limit, max_length=max_length, pack=True,
                     val_fraction=0.5, seed=0)
     calib, val, _ = build_datasets(dc, tokenizer)
@@ -231,7 +264,7 @@ def quantize_checkpoint(model_path: str | Path, out: str | Path, fmt: str | None
         raise ConfigError(f"quantize: --bits {bits:g} is outside what 2, 3, 4 and 8-bit layers can average; choose "
                           "a value in [2, 8]")
     t0 = time.perf_counter()
-    model, cfg = load_model(model_path, device=device)
+    model, _ = load_model(model_path, device=device)
     tok = load_tokenizer(model_path)
     names = linear_names(model, skip)
     if not names:
