@@ -4,9 +4,11 @@ output; QAT with LoRA on top trains; BitNet trains through the one training loop
 load_model reads back with the same logits."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from slimtune.data import DataConfig, build_datasets, causal_lm_loss, model_inputs, sample_path
+from slimtune.errors import ConfigError
 from slimtune.models.config import ModelConfig
 from slimtune.models.decoder import Decoder, init_weights
 from slimtune.models.tiny import builtin_tokenizer
@@ -129,3 +131,27 @@ def test_bitnet_trains_through_the_loop_and_exports(tmp_path):
     assert back.model.layers[1].mlp.up_proj.fmt == "ternary"
     with torch.no_grad():
         torch.testing.assert_close(back(ids), want, rtol=1e-4, atol=1e-4)
+
+
+def test_qat_int8_activations_convert_to_w8a8():
+    from slimtune.peft.qat import convert
+
+    torch.manual_seed(0)
+    m = init_weights(Decoder(CFG), 4)
+    apply_method(m, {"method": "qat", "fmt": "int8", "act_bits": 8})
+    ids = torch.randint(0, 320, (2, 16))
+    x = torch.randn(3, 7, 128)
+    fq = m.model.layers[0].mlp.gate_proj
+    with torch.no_grad():
+        fake, fake_layer = m(ids), fq(x)
+        torch.testing.assert_close(fq.to_quant_linear()(x), fake_layer, rtol=1e-5, atol=1e-5)  # one layer: exact
+    convert(m)
+    assert m.model.layers[0].mlp.gate_proj.fmt == "w8a8" and type(m.lm_head).__name__ == "Linear"
+    with torch.no_grad():  # through the model, an activation on a rounding boundary may flip by one int8 level
+        assert (m(ids) - fake).abs().max() < 0.01 * fake.abs().max()
+    with pytest.raises(ConfigError, match="one per model"):
+        n = init_weights(Decoder(CFG), 4)
+        apply_method(n, {"method": "qat"})
+        apply_method(n, {"method": "bitnet"}, adapter_name="second")
+    with pytest.raises(ConfigError):
+        apply_method(init_weights(Decoder(CFG), 4), {"method": "qat", "fmt": "int5"})
