@@ -53,6 +53,7 @@ def test_qlora_trains_through_the_loop(trained):
 def test_merge_matches_unmerged_within_bf16(trained, tmp_path):
     model, run, _ = trained
     rep = merge_qlora(model, run / "adapter", tmp_path / "merged", dtype="bf16", compare_naive=True)
+    print(rep)
     assert rep.quant == "nf4" and rep.layers == 14 and rep.dtype == "bfloat16"
     # bf16 keeps 8 significant bits: a logit of size L moves by about L * 2^-8 through rounded weights
     assert rep.max_abs_logit_diff < 4 * rep.max_abs_logit * 2 ** -8, rep
