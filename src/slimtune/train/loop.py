@@ -90,14 +90,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Prec
     prec = resolve_precision(cfg.precision, device, cfg.base_dtype, full=full)
     mcfg = method_config(cfg)  # validated before the (possibly long) load
     if cfg.method == "qlora":
-        try:
-            from slimtune.quant import quantize_model
-        except ImportError:
-            raise ConfigError("method=qlora is not available yet in this build (slimtune.quant is missing); "
-                              "fix: use method=lora") from None
-        model, _ = load_model(cfg.model, dtype=prec.compute_dtype or torch.float32, device="cpu")
-        quantize_model(model, cfg.quant, device=device)  # layer by layer: no 16-bit copy of the model on the GPU
-        model.to(device)
+        # each linear weight is quantized on the device as soon as it is read: the 16-bit model never exists whole
+        model, _ = load_model(cfg.model, dtype=prec.compute_dtype or torch.float32, device=device,
+                              quantize=cfg.quant)
     else:
         model, _ = load_model(cfg.model, dtype=prec.weight_dtype if full else prec.frozen_dtype, device=device)
     if full:
