@@ -29,7 +29,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def write_random_checkpoint(cfg, folder: Path, device: str, seed: int = 0) -> Path:
     """A bf16 HF checkpoint with normal(0, 0.02) matrices and unit norms, one shard per layer (written once)."""
-    from safetensors.torch import save_file
+    from slimtune.checkpoint import write_shards
 
     marker = folder / ".complete"
     if marker.exists():
@@ -53,15 +53,7 @@ def write_random_checkpoint(cfg, folder: Path, device: str, seed: int = 0) -> Pa
                        p + "mlp.down_proj.weight": rnd(d, f), p + "input_layernorm.weight": ones(d),
                        p + "post_attention_layernorm.weight": ones(d)})
     shards.append({"model.norm.weight": ones(d), "lm_head.weight": rnd(V, d)})
-    weight_map, total = {}, 0
-    for i, sd in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(sd, str(folder / name), metadata={"format": "pt"})
-        for k, t in sd.items():
-            weight_map[k] = name
-            total += t.numel() * t.element_size()
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                     "weight_map": weight_map}))
+    write_shards(shards, folder)
     (folder / "config.json").write_text(json.dumps(cfg.replace(dtype="bfloat16").to_hf(), indent=2))
     marker.touch()
     return folder

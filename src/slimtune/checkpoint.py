@@ -375,9 +375,13 @@ def write_folder_atomically(path: Path, fill) -> Path:
 
 def save_state_dict(sd: dict[str, Tensor], folder: Path, max_shard_size: int = DEFAULT_SHARD) -> None:
     """Write tensors as model.safetensors, or as model-0000i-of-0000n.safetensors + index above max_shard_size."""
+    write_shards(_shards(sd, max_shard_size), folder)
+
+
+def write_shards(shards: list[dict[str, Tensor]], folder: Path) -> None:
+    """Write the given shards (one dict of tensors each) in the Hugging Face layout, with an index if several."""
     from safetensors.torch import save_file
 
-    shards = _shards(sd, max_shard_size)
     if len(shards) == 1:
         save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
         return
