@@ -353,6 +353,32 @@ def _check_resume(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
                               f"resume with {k}={saved[k]!r}, or start in a new out_dir")
 
 
+def predict_memory(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) -> dict | None:
+    """Before anything is loaded on a GPU: the step's predicted peak (`slimtune.memory.estimate`) against the free
+    memory, and a warning with the planner's command when it will not fit. None where the estimator has no model of
+    the method (full, lora, dora and qlora are modelled)."""
+    if device.type != "cuda" or cfg.method not in ("full", "lora", "dora", "qlora"):
+        return None
+    from slimtune.checkpoint import resolve
+    from slimtune.memory.estimate import PRECISIONS, estimate
+    from slimtune.models.config import ModelConfig
+    from slimtune.models.tiny import BUILTIN_NAMES, builtin_config
+
+    mcfg = builtin_config() if cfg.model in BUILTIN_NAMES else ModelConfig.from_file(resolve(cfg.model) / "config.json")
+    prec = cfg.precision if cfg.precision in PRECISIONS else "bf16-mixed"
+    offload = "optimizer" if cfg.offload_optimizer else "activations" if cfg.offload_activations else None
+    e = estimate(mcfg, "lora" if cfg.method == "dora" else cfg.method, prec, cfg.optimizer, cfg.batch_size,
+                 cfg.max_length, cfg.grad_ckpt, offload=offload, lora_rank=cfg.rank or 16, quant_format=cfg.quant)
+    free, _ = torch.cuda.mem_get_info(device)
+    need = e["total_bytes"]
+    log(f"predicted peak GPU memory {need / 2**30:.1f} GiB (largest part: {e['dominant']}); {free / 2**30:.1f} GiB "
+        "free")
+    if need > free:
+        log(f"warning: this run will probably not fit; see what does with: slimtune plan --model {cfg.model} "
+            f"--gpu-memory {free / 2**30:.0f}GiB --seq {cfg.max_length}")
+    return e
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a whole fine-tuning: build, (resume,) train, evaluate, checkpoint, save the result.
 
@@ -378,6 +404,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     log(f"data: {data_summary['examples']} training examples in {data_summary['rows']} rows of <= {cfg.max_length} "
         f"tokens ({data_summary['format']}, template {data_summary['template']}), {data_summary['val_examples']} "
         f"validation; {data_summary['truncated']} truncated, {data_summary['dropped']} dropped")
+    predict_memory(cfg, device, log)
     model, prec, counts = build_model(cfg, device)
     log(prec.describe())
     log(f"method {cfg.method}: trainable params {counts['trainable']:,} of {counts['total']:,} "
