@@ -105,9 +105,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Prec
         freeze_base(model)
     apply_precision(model, prec)
     model.grad_ckpt = cfg.grad_ckpt
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return model.train(), prec, {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total}
+    from slimtune.peft import trainable_report
+
+    return model.train(), prec, trainable_report(model, print_line=False)  # counts quantized weights too
 
 
 def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any, dict[str, Any]]:
