@@ -95,3 +95,23 @@ def test_example_configs_are_valid(path):
     assert Path(path).stem == cfg.method
     mcfg = method_config(cfg)
     assert (mcfg is None) == (cfg.method == "full")
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("notjson.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", output: b}\n', ["line 2", "JSON"]),
+    ("noout.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', ["line 2", "output"]),
+    ("empty.jsonl", "", ["empty"]),
+    ("role.jsonl", '{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}\n',
+     ["line 1", "robot"]),
+])
+def test_cli_bad_data_exits_2_with_one_line(tmp_path, capsys, name, text, words):
+    """Malformed data stops `slimtune finetune` before training: exit 2, one line naming the file and the place."""
+    data = tmp_path / name
+    data.write_text(text)
+    out = tmp_path / "out"
+    assert main(["finetune", str(write(tmp_path, "max_steps: 2\n")), f"data={data}", f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and name in err[0], err
+    for w in words:
+        assert w in err[0], (w, err[0])
+    assert not (out / "checkpoints").exists()
