@@ -106,7 +106,6 @@ def prepare_bitnet(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> li
 
 def export_bitnet(model: nn.Module) -> list[str]:
     """Replace every BitLinear of `model` by its packed `QuantLinear` ("ternary"), in place. Returns the names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, BitLinear)]
-    for n in names:
-        model.set_submodule(n, model.get_submodule(n).to_quant_linear())
-    return names
+    from slimtune.quant.linear import convert_layers
+
+    return convert_layers(model, BitLinear)

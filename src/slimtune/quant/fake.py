@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
-from slimtune.quant.linear import QuantLinear, linear_names
+from slimtune.quant.linear import QuantLinear, convert_layers, linear_names
 
 QAT_FORMATS = ("int8", "int4", "nf4")
 
@@ -107,7 +107,4 @@ def prepare_qat(model: nn.Module, cfg: QATConfig, skip: tuple[str, ...] = ("lm_h
 
 def convert_qat(model: nn.Module) -> list[str]:
     """Replace every FakeQuantLinear of `model` by its real QuantLinear, in place. Returns the converted names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
-    for n in names:
-        model.set_submodule(n, model.get_submodule(n).to_quant_linear())
-    return names
+    return convert_layers(model, FakeQuantLinear)

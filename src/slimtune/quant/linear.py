@@ -311,6 +311,15 @@ def linear_names(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list
             and not any(n == s or n.endswith("." + s) for s in skip)]
 
 
+def convert_layers(model: nn.Module, cls: type) -> list[str]:
+    """Replace every `cls` module of `model` by its `.to_quant_linear()`, in place (QAT and BitNet export).
+    Returns the replaced names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, cls)]
+    for n in names:
+        model.set_submodule(n, model.get_submodule(n).to_quant_linear())
+    return names
+
+
 def prepare_quantized(model: nn.Module, fmt: str, group_size: int | None = None, double_quant: bool | None = None,
                       skip: tuple[str, ...] = ("lm_head",), device: str | torch.device = "meta") -> list[str]:
     """Replace every nn.Linear of `model` (but `skip`) by an empty QuantLinear on `device`, in place, so that a
