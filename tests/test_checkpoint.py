@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from slimtune.checkpoint import check_cast, load_model, save_model
+from slimtune.models.load import load_model
+from slimtune.models.save import save_model
+from slimtune.precision.guard import check_cast
 from slimtune.errors import CheckpointError, PrecisionError
 from slimtune.models.tiny import builtin_model, write_builtin
 
@@ -100,7 +102,7 @@ def test_state_dict_mismatch_names_tensor(tmp_path):
 
 def test_bin_checkpoint_is_read_without_pickle_code(tmp_path):
     out = write_builtin(tmp_path / "m")
-    from slimtune.checkpoint import iter_tensors
+    from slimtune.io.safetensors import iter_tensors
     sd = dict(iter_tensors(out))
     (out / "model.safetensors").unlink()
     torch.save(sd, out / "pytorch_model.bin")

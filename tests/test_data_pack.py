@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from slimtune.data import (IGNORE_INDEX, DataConfig, DataIterator, build_datasets, causal_lm_loss, collate_padded,
+from slimtune.train.loss import causal_lm_loss
+from slimtune.data import (IGNORE_INDEX, DataConfig, DataIterator, build_datasets, collate_padded,
                            get_renderer, model_inputs, pack_examples, read_records, sample_path, to_examples,
                            tokenize_examples)
 from slimtune.errors import DataError

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimtune.memory import estimate
+from slimtune.memory.estimate import estimate
 from slimtune.memory.params import param_table
 from slimtune.models.decoder import Decoder, init_weights
 from slimtune.models.shapes import build_meta, get_shape

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from slimtune.errors import ConfigError
-from slimtune.memory.offload import offload_activations
-from slimtune.memory.optim import CPUOffloadAdamW, make_optimizer
+from slimtune.train.offload import offload_activations
+from slimtune.optim.build import make_optimizer
+from slimtune.optim.offload import CPUOffloadAdamW
 from slimtune.models.decoder import Decoder, init_weights
 from slimtune.models.shapes import get_shape
 

@@ -2,7 +2,8 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from slimtune.checkpoint import load_model, save_model
+from slimtune.models.load import load_model
+from slimtune.models.save import save_model
 from slimtune.generate import SamplingConfig, generate
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 import slimtune.peft as P
-from slimtune.checkpoint import load_model
+from slimtune.models.load import load_model
 from slimtune.cli import main
 from slimtune.errors import CheckpointError, ConfigError
 from slimtune.models.config import ModelConfig

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import slimtune.peft as P
-from slimtune.checkpoint import load_model
+from slimtune.models.load import load_model
 from slimtune.peft.lora import LoraLinear
 
 peft = pytest.importorskip("peft")

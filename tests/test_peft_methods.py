@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import make_hf_model
 
 from slimtune.errors import CheckpointError, ConfigError
-from slimtune.models.decoder import KVCache
+from slimtune.models.cache import KVCache
 from slimtune.models.tiny import builtin_model
 from slimtune.peft import (adapter_parameters, apply_method, disable_adapters, freeze_base, load_adapter,
                            merge_and_unload, save_adapter)

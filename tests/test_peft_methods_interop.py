@@ -62,7 +62,7 @@ def test_prompt_adapter_written_by_slimtune_loads_in_peft(method, tmp_path):
 def test_prefix_written_by_slimtune_matches_peft_on_transformers(tmp_path):
     """The same checkpoint as slimtune's decoder with our prefix and as a transformers model with PEFT's prefix
     (past_key_values) from our file: PEFT's (P, 2 L nkv hd) layout and position offset are reproduced."""
-    from slimtune.checkpoint import load_model
+    from slimtune.models.load import load_model
 
     hf = make_hf_model("llama3")
     hf.save_pretrained(tmp_path / "base")
@@ -79,7 +79,7 @@ def test_prefix_written_by_slimtune_matches_peft_on_transformers(tmp_path):
 
 
 def test_ia3_written_by_peft_loads_in_slimtune(tmp_path):
-    from slimtune.checkpoint import load_model
+    from slimtune.models.load import load_model
 
     hf = make_hf_model("llama3").eval()
     hf.save_pretrained(tmp_path / "base")

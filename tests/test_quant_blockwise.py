@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-import slimtune.quant.blockwise as bw
+import slimtune.quant.codecs.fourbit as bw
 from slimtune.errors import CheckpointError, ConfigError, PrecisionError
-from slimtune.quant.blockwise import (
+from slimtune.quant.codecs.fourbit import (
     code_table,
     dequantize_4bit,
     dynamic_map,
@@ -15,7 +15,7 @@ from slimtune.quant.blockwise import (
     quantize_4bit,
     to_bnb_state_dict,
 )
-from slimtune.quant.intq import dequantize_int4, quantize_int4
+from slimtune.quant.codecs.intk import dequantize_int4, quantize_int4
 
 # the published NF4 table (QLoRA / bitsandbytes), typed here independently of slimtune.quant.formats
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

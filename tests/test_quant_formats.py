@@ -8,7 +8,7 @@ import torch
 
 from slimtune.cli import main
 from slimtune.errors import ConfigError
-from slimtune.quant.formats import FORMATS, FP4_E2M1_VALUES, NF4_CODE, decode_float, format_values, get_format
+from slimtune.precision.formats import FORMATS, FP4_E2M1_VALUES, NF4_CODE, decode_float, format_values, get_format
 
 TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn,
          "fp8_e5m2": torch.float8_e5m2}

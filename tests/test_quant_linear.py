@@ -86,7 +86,7 @@ def test_fp8_reference():
 
 
 def test_pack_bits_layout():
-    from slimtune.quant.intq import pack_bits, pack_nibbles, unpack_bits
+    from slimtune.quant.codecs.intk import pack_bits, pack_nibbles, unpack_bits
 
     g = torch.Generator().manual_seed(11)
     c4 = torch.randint(0, 16, (5, 64), generator=g, dtype=torch.uint8)

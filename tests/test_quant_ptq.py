@@ -18,7 +18,7 @@ FAST = ["--eval-limit", "24", "--max-length", "64"]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from slimtune.checkpoint import save_model
+    from slimtune.models.save import save_model
     from slimtune.models.config import ModelConfig
     from slimtune.models.decoder import Decoder, init_weights
     from slimtune.models.tiny import builtin_tokenizer
@@ -37,7 +37,7 @@ def run_json(capsys, argv: list[str]) -> dict:
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "nf4", "fp4", "fp8", "w8a8"])
 def test_round_trip_each_format(tiny, tmp_path, capsys, fmt):
-    from slimtune.checkpoint import load_model
+    from slimtune.models.load import load_model
     from slimtune.quant import quantize_model
     from slimtune.quant.linear import QuantLinear
 
@@ -126,8 +126,8 @@ def test_allocation_is_the_exact_optimum(sizes, budget, exact):
 
 
 def test_mixed_budget_cli_report_is_consistent(tiny, tmp_path, capsys):
-    from slimtune.checkpoint import load_model
-    from slimtune.quant.linear import INT_BITS
+    from slimtune.models.load import load_model
+    from slimtune.quant.codecs import get_codec
 
     rep = run_json(capsys, ["quantize", str(tiny), "--bits", "3.5", "--calib-rows", "2", "--out",
                             str(tmp_path / "m")] + FAST)
@@ -136,7 +136,7 @@ def test_mixed_budget_cli_report_is_consistent(tiny, tmp_path, capsys):
     assert rep["exact"] and sum(r["params"] * r["bits"] for r in alloc) == 3.5 * N and rep["bits_codes"] == 3.5
     assert len({r["bits"] for r in alloc}) >= 2  # really mixed
     loaded, _ = load_model(tmp_path / "m")
-    bits = {**INT_BITS, "int8": 8}
+    bits = {f: get_codec(f).code_bits for f in ("int2", "int3", "int4", "int8")}
     for r in alloc:
         layer = loaded.get_submodule(r["layer"])
         assert layer.fmt == r["format"] and bits[layer.fmt] == r["bits"]

@@ -8,15 +8,8 @@ from torch import nn
 
 from slimtune.errors import ConfigError
 from slimtune.models.tiny import builtin_model
-from slimtune.quant.bitnet import (
-    BitLinear,
-    act_quant_int8,
-    export_bitnet,
-    pack_ternary,
-    prepare_bitnet,
-    ternary_quant,
-    unpack_ternary,
-)
+from slimtune.quant.bitnet import BitLinear, export_bitnet, prepare_bitnet
+from slimtune.quant.codecs.ternary import act_quant_int8, pack_ternary, ternary_quant, unpack_ternary
 from slimtune.quant.fake import FakeQuantLinear, QATConfig, convert_qat, fake_quantize, prepare_qat
 from slimtune.quant.linear import QuantLinear
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimtune.data import DataConfig, build_datasets, causal_lm_loss, model_inputs, sample_path
+from slimtune.data import DataConfig, build_datasets, model_inputs, sample_path
+from slimtune.train.loss import causal_lm_loss
 from slimtune.errors import ConfigError
 from slimtune.models.config import ModelConfig
 from slimtune.models.decoder import Decoder, init_weights
@@ -95,13 +96,14 @@ def test_qat_with_lora_trains_and_converts():
 
 
 def test_bitnet_trains_through_the_loop_and_exports(tmp_path):
-    from slimtune.checkpoint import load_model, save_model
+    from slimtune.models.load import load_model
+    from slimtune.models.save import save_model
     from slimtune.cli import main
     from slimtune.peft import load_adapter
     from slimtune.peft.qat import export_quantized
     from slimtune.train import load_config
     from slimtune.train import train as run
-    from slimtune.train.loop import read_metrics
+    from slimtune.train.metrics import read_metrics
 
     model_dir = save_model(init_weights(Decoder(CFG), 2), tmp_path / "model", tokenizer=builtin_tokenizer())
     cfg = load_config(None, [f"model={model_dir}", f"data={sample_path()}", "data_limit=32", "max_length=64",

@@ -14,7 +14,7 @@ from slimtune.quant.qlora import detect_quant, merge_qlora, probe_batch
 
 
 def tiny_dir(tmp: Path, seed: int = 0) -> Path:
-    from slimtune.checkpoint import save_model
+    from slimtune.models.save import save_model
     from slimtune.models.config import ModelConfig
     from slimtune.models.decoder import Decoder, init_weights
     from slimtune.models.tiny import builtin_tokenizer
@@ -30,7 +30,7 @@ def tiny_dir(tmp: Path, seed: int = 0) -> Path:
 def trained(tmp_path_factory):
     """A QLoRA run of 12 steps on the tiny model; returns (model dir, run dir, losses)."""
     from slimtune.train import load_config, train
-    from slimtune.train.loop import read_metrics
+    from slimtune.train.metrics import read_metrics
 
     tmp = tmp_path_factory.mktemp("qlora")
     model = tiny_dir(tmp)
@@ -66,7 +66,7 @@ def test_merge_matches_unmerged_within_bf16(trained, tmp_path):
 def test_merged_loads_in_transformers(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from slimtune.checkpoint import load_model
+    from slimtune.models.load import load_model
 
     model, run, _ = trained
     merge_qlora(model, run / "adapter", tmp_path / "merged")

@@ -27,7 +27,7 @@ def test_quickstart_leaves_everything(tmp_path, capsys):
     # the adapter loads back onto the built-in model and changes its output
     import torch
 
-    from slimtune.checkpoint import load_model
+    from slimtune.models.load import load_model
     from slimtune.peft import load_adapter
 
     base, _ = load_model("builtin")

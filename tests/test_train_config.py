@@ -13,7 +13,7 @@ import yaml
 from slimtune.cli import main
 from slimtune.errors import ConfigError
 from slimtune.train import TrainConfig, load_config, save_config
-from slimtune.train.loop import method_config
+from slimtune.train.build import method_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

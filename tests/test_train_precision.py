@@ -9,7 +9,9 @@ from slimtune.errors import PrecisionError
 from slimtune.models.config import ModelConfig
 from slimtune.models.decoder import Decoder, init_weights
 from slimtune.peft import apply_method, freeze_base
-from slimtune.train import AdamWFp32State, apply_precision, resolve_precision, train_step
+from slimtune.optim.adamw import AdamWFp32State
+from slimtune.precision.policy import apply_precision, resolve_precision
+from slimtune.train.step import train_step
 
 CPU = torch.device("cpu")
 

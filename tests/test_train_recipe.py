@@ -9,7 +9,8 @@ import torch
 
 from slimtune.data import sample_path
 from slimtune.train import load_config, train
-from slimtune.train.loop import lr_at, read_metrics
+from slimtune.optim.schedules import lr_at
+from slimtune.train.metrics import read_metrics
 
 # produced by this test's own setting on the CPU (torch 2.13, fp32, one thread): a change means changed numerics
 PINNED = {
@@ -21,7 +22,7 @@ PINNED = {
 
 
 def tiny_dir(tmp: Path) -> Path:
-    from slimtune.checkpoint import save_model
+    from slimtune.models.save import save_model
     from slimtune.models.config import ModelConfig
     from slimtune.models.decoder import Decoder, init_weights
     from slimtune.models.tiny import builtin_tokenizer
@@ -55,19 +56,19 @@ def test_first_losses_pinned(method, tmp_path):
 
 def test_schedule_shapes():
     cfg = load_config(None, ["data=x", "lr=1.0", "min_lr=0.1", "warmup_steps=4", "schedule=cosine"])
-    lrs = [lr_at(s, cfg, 14) for s in range(14)]
+    lrs = [lr_at(s, cfg.lr, 14, cfg.warmup_steps, cfg.schedule, cfg.min_lr) for s in range(14)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]  # linear warmup
     assert lrs[4] == 1.0 and abs(lrs[-1] - 0.1) < 1e-12  # cosine from lr down to min_lr
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
     cfg.schedule = "linear"
-    assert abs(lr_at(9, cfg, 14) - 0.5) < 1e-12  # halfway through the decay (steps 4..13)
+    assert abs(lr_at(9, cfg.lr, 14, cfg.warmup_steps, cfg.schedule, cfg.min_lr) - 0.5) < 1e-12  # halfway through the decay (steps 4..13)
     cfg.schedule = "constant"
-    assert lr_at(13, cfg, 14) == 1.0
+    assert lr_at(13, cfg.lr, 14, cfg.warmup_steps, cfg.schedule, cfg.min_lr) == 1.0
 
 
 def test_qlora_trains_over_a_quantized_base(tmp_path):
     from slimtune.quant import QuantLinear
-    from slimtune.train.loop import build_model
+    from slimtune.train.build import build_model
 
     cfg = load_config(None, [f"model={tiny_dir(tmp_path)}", f"data={sample_path()}", "data_limit=16",
                              "max_length=64", "method=qlora", "rank=4", "targets=all-linear", "batch_size=4",

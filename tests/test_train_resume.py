@@ -16,7 +16,9 @@ import torch
 
 from slimtune.data import sample_path
 from slimtune.train import TrainingError, list_checkpoints, load_checkpoint, load_config, train
-from slimtune.train import loop
+from slimtune.train import step
+from slimtune.train.build import build_model, build_optimizer
+from slimtune.train.metrics import read_metrics
 
 RUNNER = r'''
 import sys, time
@@ -30,13 +32,13 @@ def slow_step(*a, **k):  # widen each step so that the test can signal mid-run
     return r
 loop.train_step = slow_step
 if mode == "hang-in-save":
-    orig_write = ck._write_safetensors
+    orig_write = ck.write_tensors
     def write(tensors, path):
         orig_write(tensors, path)
         if path.parent.name.startswith(".step-4.tmp"):  # half of step-4 is on disk: stop here until killed
             open(flag_dir + "/in-save", "w").close()
             time.sleep(300)
-    ck._write_safetensors = write
+    ck.write_tensors = write
 from slimtune.cli import main
 sys.exit(main(["finetune"] + args))
 '''
@@ -44,7 +46,7 @@ sys.exit(main(["finetune"] + args))
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from slimtune.checkpoint import save_model
+    from slimtune.models.save import save_model
     from slimtune.models.config import ModelConfig
     from slimtune.models.decoder import Decoder, init_weights
     from slimtune.models.tiny import builtin_tokenizer
@@ -67,7 +69,7 @@ def overrides(model_dir: Path, out: Path, **kw) -> list[str]:
 
 
 def losses(out: Path) -> tuple[list[float], list[float]]:
-    rows = loop.read_metrics(out / "metrics.jsonl")
+    rows = read_metrics(out / "metrics.jsonl")
     return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
 
 
@@ -139,8 +141,8 @@ def test_sigkill_during_checkpoint_write_keeps_previous(model_dir, reference, tm
     assert any(p.name.startswith(".step-4.tmp") for p in root.iterdir())  # the half-written one, out of sight
     # the previous checkpoint loads into a freshly built model and optimizer
     cfg = load_config(None, overrides(model_dir, out))
-    model, prec, _ = loop.build_model(cfg, torch.device("cpu"))
-    opt = loop.build_optimizer(model, cfg, prec, torch.device("cpu"))
+    model, prec, _ = build_model(cfg, torch.device("cpu"))
+    opt = build_optimizer(model, cfg)
     state = load_checkpoint(root / "step-2", model, opt)
     assert state["step"] == 2 and len(opt.state) > 0
     s = resume_here(model_dir, out)
@@ -163,7 +165,7 @@ def test_ctrl_c_saves_and_exits_cleanly(model_dir, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(model_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     calls = {"n": 0}
-    orig = loop.forward_loss
+    orig = step.forward_loss
 
     def poisoned(*a, **k):
         loss, n = orig(*a, **k)
@@ -172,16 +174,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(model_dir, tmp_path, monk
             loss = loss * float("nan")
         return loss, n
 
-    monkeypatch.setattr(loop, "forward_loss", poisoned)
+    monkeypatch.setattr(step, "forward_loss", poisoned)
     with pytest.raises(TrainingError, match=r"step 3: loss is nan.*last good checkpoint is .*step-2"):
         train(load_config(None, overrides(model_dir, out, save_every=1, eval_every=0, val_fraction=0.0)),
               log=lambda m: None)
     assert [s for s, _ in list_checkpoints(out)] == [1, 2]
-    monkeypatch.setattr(loop, "forward_loss", orig)
+    monkeypatch.setattr(step, "forward_loss", orig)
     cfg = load_config(None, overrides(model_dir, out, val_fraction=0.0))
-    model, prec, _ = loop.build_model(cfg, torch.device("cpu"))
-    assert load_checkpoint(out / "checkpoints" / "step-2", model,
-                           loop.build_optimizer(model, cfg, prec, torch.device("cpu")))["step"] == 2
+    model, prec, _ = build_model(cfg, torch.device("cpu"))
+    assert load_checkpoint(out / "checkpoints" / "step-2", model, build_optimizer(model, cfg))["step"] == 2
 
 
 def test_resume_with_other_settings_refused(model_dir, reference, tmp_path):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from slimtune.errors import SlimtuneError
-from slimtune.models.decoder import KVCache
+from slimtune.models.cache import KVCache
 
 
 @dataclass

@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from slimtune.checkpoint import load_model, save_model
+    from slimtune.models.load import load_model
+    from slimtune.models.save import save_model
     from slimtune.models.tiny import BUILTIN_NAMES, builtin_tokenizer
     from slimtune.peft import load_adapter, merge_and_unload
     from slimtune.quant.qlora import detect_quant, merge_qlora

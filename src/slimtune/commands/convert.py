@@ -35,7 +35,8 @@ def parse_size(s: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from slimtune.checkpoint import load_model, save_model
+    from slimtune.models.load import load_model
+    from slimtune.models.save import save_model
     from slimtune.models.tiny import BUILTIN_NAMES, builtin_tokenizer
 
     # load in the checkpoint's own dtype; the cast happens (guarded) while saving

@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimtune.train import load_config, train
+    from slimtune.train.config import load_config
+    from slimtune.train.loop import train
 
     overrides = list(args.overrides)
     path = args.config

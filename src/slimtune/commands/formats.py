@@ -16,7 +16,7 @@ def _g(v: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimtune.quant.formats import FORMATS
+    from slimtune.precision.formats import FORMATS
 
     if args.json:
         print(json.dumps({"formats": [f.as_dict() for f in FORMATS.values()]}))

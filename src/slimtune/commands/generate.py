@@ -38,7 +38,8 @@ def pick_device(name: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from slimtune.checkpoint import load_model, load_tokenizer
+    from slimtune.models.load import load_model
+    from slimtune.models.tokenizer import load_tokenizer
     from slimtune.generate import SamplingConfig, generate_text
     from slimtune.models.tiny import BUILTIN_NAMES
 

@@ -54,7 +54,7 @@ def gib(n: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from slimtune.errors import ConfigError
-    from slimtune.memory import estimate
+    from slimtune.memory.estimate import estimate
 
     if args.rank <= 0:
         raise ConfigError(f"--rank must be a positive integer, got {args.rank}")

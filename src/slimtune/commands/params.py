@@ -15,69 +15,49 @@ HELP = "count the trainable and total parameters of a fine-tuning method on a mo
 
 METHOD_NAMES = ("lora", "dora", "ia3", "houlsby", "bitfit", "prompt", "prefix", "ptuning", "partial", "full")
 
-# CLI option -> config field (the same meaning in every method that has the field)
-OPTION_FIELDS = {
-    "targets": "target_modules", "rank": "r", "alpha": "lora_alpha", "layers": "layers_to_transform",
-    "feedforward": "feedforward_modules", "add_bias": "add_bias", "virtual_tokens": "num_virtual_tokens",
-    "encoder": "encoder_reparameterization_type", "encoder_hidden": "encoder_hidden_size",
-    "projection": "prefix_projection", "modules": "trainable_modules", "last_k": "last_k",
-    "skip_first": "skip_first",
-}
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from slimtune.peft.base import declared_options
+
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shape", help="a named shape (see `slimtune shapes`), e.g. gpt3-175b, llama3-8b")
     src.add_argument("--model", help="a model folder (only its config.json is read) or builtin")
     p.add_argument("--method", required=True, help=f"one of {', '.join(METHOD_NAMES)}")
-    p.add_argument("--targets", help="modules to adapt: comma-separated names / suffixes, a regex, or all-linear")
-    p.add_argument("--rank", type=int, help="LoRA / DoRA rank r, Houlsby bottleneck width")
-    p.add_argument("--alpha", type=float, help="LoRA alpha")
-    p.add_argument("--layers", help="restrict to these block indices, comma-separated")
-    p.add_argument("--feedforward", help="IA3: the targets whose input is scaled (default down_proj)")
-    p.add_argument("--add-bias", action="store_true", default=None, help="BitFit: add zero biases where none exist")
-    p.add_argument("--virtual-tokens", type=int, help="prompt / prefix / ptuning: number of virtual tokens")
-    p.add_argument("--encoder", help="ptuning: MLP or LSTM")
-    p.add_argument("--encoder-hidden", type=int, help="ptuning / prefix: prompt encoder width")
-    p.add_argument("--projection", action="store_true", default=None, help="prefix: MLP reparameterisation")
-    p.add_argument("--modules", help="partial: modules to train, comma-separated (e.g. lm_head,norm)")
-    p.add_argument("--last-k", type=int, help="partial: train the last k blocks")
-    p.add_argument("--skip-first", type=int, help="partial: train everything but the first N blocks")
+    for name, o in declared_options("cli").items():  # each method declares its flags (peft.base.option)
+        methods = ", ".join(o.fields)
+        if o.type in (bool, bool | None):
+            p.add_argument(f"--{name}", action="store_true", default=None, help=f"{o.help} ({methods})")
+        else:
+            p.add_argument(f"--{name}", help=f"{o.help} ({methods})")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _split(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
 
 
 def method_dict(args: argparse.Namespace) -> dict[str, Any]:
     """{'method': ..., field: value} from the options given.
 
     Raises:
-        ConfigError: unknown method, an option the method does not take, a malformed --layers.
+        ConfigError: unknown method, an option the method does not take, a value of the wrong type.
     """
     from slimtune.errors import ConfigError
-    from slimtune.peft import get_method
+    from slimtune.peft.base import declared_options, get_method
+    from slimtune.train.config import coerce
 
     spec = get_method(args.method)
-    fields = spec.config_cls.field_names()
     d: dict[str, Any] = {"method": spec.name}
-    for opt, fld in OPTION_FIELDS.items():
-        v = getattr(args, opt, None)
+    for name, o in declared_options("cli").items():
+        v = getattr(args, name.replace("-", "_"), None)
         if v is None:
             continue
-        if fld not in fields:
-            raise ConfigError(f"--{opt.replace('_', '-')} does not apply to method {spec.name}; its options: "
-                              f"{', '.join(fields)}")
-        if opt in ("targets", "feedforward", "modules"):
-            v = v if v == "all-linear" else _split(v)
-        elif opt == "layers":
+        fld = o.fields.get(spec.name)
+        if fld is None:
+            raise ConfigError(f"--{name} does not apply to method {spec.name}; its options: "
+                              f"{', '.join(spec.config_cls.field_names())}")
+        if v != "all-linear":
             try:
-                v = [int(x) for x in _split(v)]
+                v = coerce(v, o.type)
             except ValueError:
-                raise ConfigError(f"--layers takes comma-separated block indices, got {args.layers!r}") from None
-        elif opt == "encoder":
-            v = v.upper()
+                raise ConfigError(f"--{name} {v!r} is not a {o.type}; e.g. --layers takes comma-separated block "
+                                  "indices") from None
         d[fld] = v
     if spec.name in ("lora", "dora") and "r" in d and "lora_alpha" not in d:
         d["lora_alpha"] = d["r"]  # alpha does not change the count; keep the scale 1

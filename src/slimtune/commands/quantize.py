@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _export_trained(args: argparse.Namespace) -> int:
     """MODEL + a qat / bitnet adapter -> a quantized checkpoint with the formats the layers trained for."""
-    from slimtune.checkpoint import load_model, load_tokenizer
+    from slimtune.models.load import load_model
+    from slimtune.models.tokenizer import load_tokenizer
     from slimtune.errors import ConfigError
     from slimtune.peft import load_adapter, model_adapters
     from slimtune.peft.qat import export_quantized

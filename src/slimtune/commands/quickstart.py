@@ -30,7 +30,8 @@ def quickstart_overrides(steps: int, out: str, device: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from slimtune.generate import SamplingConfig, generate_text
-    from slimtune.train import load_config, train
+    from slimtune.train.config import load_config
+    from slimtune.train.loop import train
 
     say = (lambda s: None) if args.json else print
     cfg = load_config(None, quickstart_overrides(args.steps, args.out, args.device))

@@ -1,48 +1,124 @@
 """Peak GPU memory of one training step (or of generation), predicted from the config without touching a GPU.
 
-Persistent bytes (weights, adapters, gradients, optimizer states) come from the parameter table; activations from the
-per-op rules of `activations.py`. The step is walked phase by phase (end of forward, loss backward, head backward,
-each block's backward, end of backward, optimizer step) and the peak is the largest phase; the breakdown returned is
-that phase's. What `torch.cuda.max_memory_allocated` counts: the CUDA context (~0.5 GB) is not included.
+Persistent bytes (weights, adapters, gradients, optimizer states) come from the parameter table (quantized layers'
+bytes from their codec); activations from the per-op rules of `activations.py`. The step is walked phase by phase
+(end of forward, loss, head backward, each block's backward, end of backward, optimizer step) and the peak is the
+largest phase; the breakdown returned is that phase's. What `torch.cuda.max_memory_allocated` counts: the CUDA context
+(~0.5 GB) is not included. `estimate(EstimateInput(cfg, ...))`, or `estimate(cfg, method, precision, ...)`.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
 
 from slimtune.errors import ConfigError
 from slimtune.memory.activations import (BLOCK_LINEARS, Regime, block_backward_transient, block_saved, head_saved,
                                          shared_saved)
-from slimtune.memory.params import (DTYPE_BYTES, QUANT_FORMATS, dtype_bytes, param_table, quant_linear_bytes,
-                                    quant_tables_bytes)
+from slimtune.memory.params import Param, param_table
 from slimtune.models.config import ModelConfig
+from slimtune.optim.build import OPTIMIZERS, SGD_MOMENTUM
+from slimtune.precision.formats import dtype_bytes, short_name
+from slimtune.precision.policy import POLICIES, make_policy
+from slimtune.quant.codecs import CODECS, get_codec
 
 METHODS = ("full", "lora", "qlora")
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 OFFLOADS = (None, "activations", "optimizer")
-# precision policy -> (compute dtype, autocast, dtype of trainable base weights, dtype of frozen base weights,
-# optimizer-state dtype); adapters stay fp32 under every policy
-PRECISIONS = {
-    "fp32": ("fp32", False, "fp32", "fp32", "fp32"),
-    "bf16-mixed": ("bf16", True, "fp32", "bf16", "fp32"),
-    "fp16-mixed": ("fp16", True, "fp32", "fp16", "fp32"),
-    "bf16-true": ("bf16", False, "bf16", "bf16", "fp32"),
-}
 DEFAULT_TARGETS = BLOCK_LINEARS
 WORKSPACE = 32 * 2**20  # cuBLAS workspace, allocated through PyTorch's caching allocator on first matmul
 ADAM8_BLOCK, ADAM8_MIN = 256, 4096  # torchao / bitsandbytes: 8-bit states in blocks of 256, tensors >= 4096
 
 
-def _check(cfg: ModelConfig, method: str, precision: str, optimizer: str, batch: int, seq: int,
-           offload: str | None) -> None:
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r} for the memory estimate; choose one of {', '.join(METHODS)}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if offload not in OFFLOADS:
-        raise ConfigError(f"unknown offload {offload!r}; choose activations or optimizer")
-    for name, v in (("batch", batch), ("seq", seq)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+@dataclass
+class EstimateInput:
+    """What is predicted. cfg: the model shape. method: full | lora | qlora. precision: a policy name.
+    optimizer: adamw | adamw8bit | sgd. batch, seq: positive ints. grad_ckpt: recompute each block in backward.
+    offload: None | 'activations' | 'optimizer'. lora_*: the adapters (lora / qlora). weight_dtype, grad_dtype,
+    optim_state_dtype, adapter_dtype: override the policy's dtypes one by one ('bf16', 'fp32', ...; weight_dtype may
+    be a quantized format for the block linears, e.g. 'nf4'). quant_format, double_quant, quant_group: the qlora base
+    format. generate, context: a KV cache of `context` positions for `batch` sequences, prompt of `seq` tokens.
+    attention: flash | efficient | math. keep_logits: the loop keeps the (B, S, V) logits alive through backward.
+    params_override: count this many parameters instead of the config's (the textbook case). device: 'cuda' (what
+    is predicted) or 'cpu' (CPU kernels save a few tensors differently; used by the tests)."""
+
+    cfg: ModelConfig
+    method: str = "lora"
+    precision: str = "bf16-mixed"
+    optimizer: str = "adamw"
+    batch: int = 1
+    seq: int = 2048
+    grad_ckpt: bool = False
+    offload: str | None = None
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    lora_dropout: float = 0.0
+    weight_dtype: str | None = None
+    grad_dtype: str | None = None
+    optim_state_dtype: str | None = None
+    adapter_dtype: str = "fp32"
+    quant_format: str = "nf4"
+    double_quant: bool = True
+    quant_group: int | None = None
+    generate: bool = False
+    context: int | None = None
+    attention: str = "flash"
+    keep_logits: bool = False
+    sgd_momentum: float = SGD_MOMENTUM
+    params_override: int | None = None
+    workspace_bytes: int = WORKSPACE
+    device: str = "cuda"
+
+    def validate(self) -> None:
+        """Raises ConfigError on an unknown method / precision / optimizer / offload or a non-positive size."""
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r} for the memory estimate; choose one of "
+                              f"{', '.join(METHODS)}")
+        for key, allowed in (("precision", tuple(POLICIES)), ("optimizer", OPTIMIZERS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"unknown {key} {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
+        if self.offload not in OFFLOADS:
+            raise ConfigError(f"unknown offload {self.offload!r}; choose activations or optimizer")
+        for name, v in (("batch", self.batch), ("seq", self.seq)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+
+
+@dataclass
+class _Bytes:
+    """Resolved storage: bytes per element of base weights (wb), compute (cb), adapters (ab), matmul outputs (c);
+    the quantized format of the block linears (qfmt) and the names behind them."""
+
+    comp: str
+    autocast: bool
+    base: str
+    qfmt: str | None
+    wb: int
+    cb: int
+    ab: int
+    c: int
+    state: str
+    detail: dict = field(default_factory=dict)
+
+
+def _resolve(e: EstimateInput) -> _Bytes:
+    pol = make_policy(e.precision, full=e.method == "full")
+    comp = short_name(pol.compute_dtype) if pol.compute_dtype is not None else "fp32"
+    train_dt, frozen_dt = short_name(pol.weight_dtype), short_name(pol.frozen_dtype)
+    qfmt = None
+    base = e.weight_dtype or (train_dt if e.method == "full" else frozen_dt)
+    if base in CODECS:
+        qfmt, base = base, (frozen_dt if e.method != "full" else comp)
+    if e.method == "qlora":
+        qfmt = qfmt or e.quant_format
+        if base == "fp32" and e.weight_dtype is None:
+            base = comp if comp != "fp32" else "bf16"
+    if e.method == "full" and qfmt:
+        raise ConfigError("full fine-tuning cannot train quantized weights; use --method qlora or a float weight dtype")
+    if e.offload == "optimizer" and e.method == "full" and e.weight_dtype is None:
+        base = comp  # the fp32 master lives on the CPU
+    wb, cb = dtype_bytes(base, "weight dtype"), dtype_bytes(comp)
+    ab = dtype_bytes(e.adapter_dtype, "adapter dtype")
+    state = e.optim_state_dtype or ("fp32" if e.method == "full" else e.adapter_dtype)
+    return _Bytes(comp, pol.autocast, base, qfmt, wb, cb, ab, cb if pol.autocast else wb, state)
 
 
 def _optimizer_bytes(tensors: list[tuple[int, int]], optimizer: str, state_b: int, momentum: float) -> int:
@@ -65,191 +141,8 @@ def _optimizer_bytes(tensors: list[tuple[int, int]], optimizer: str, state_b: in
     return total
 
 
-def estimate(cfg: ModelConfig, method: str = "lora", precision: str = "bf16-mixed", optimizer: str = "adamw",
-             batch: int = 1, seq: int = 2048, grad_ckpt: bool = False, offload: str | None = None,
-             lora_rank: int = 16, lora_targets: tuple[str, ...] = DEFAULT_TARGETS, lora_dropout: float = 0.0,
-             weight_dtype: str | None = None, grad_dtype: str | None = None, optim_state_dtype: str | None = None,
-             adapter_dtype: str = "fp32", quant_format: str = "nf4", double_quant: bool = True,
-             quant_group: int | None = None,
-             generate: bool = False, context: int | None = None, attention: str = "flash",
-             keep_logits: bool = False, sgd_momentum: float = 0.9, params_override: int | None = None,
-             workspace_bytes: int = WORKSPACE, device: str = "cuda") -> dict:
-    """Predict the peak of `torch.cuda.max_memory_allocated` over one steady-state training step (forward, backward,
-    optimizer step; optimizer state already allocated), or over generation with `generate=True`.
-
-    Args:
-        cfg: the model shape. method: full | lora | qlora. precision: a key of PRECISIONS.
-        optimizer: adamw | adamw8bit | sgd. batch, seq: positive ints (sequences of `seq` tokens).
-        grad_ckpt: recompute each block in backward. offload: None | 'activations' | 'optimizer'.
-        lora_rank, lora_targets, lora_dropout: the adapters (lora / qlora). weight_dtype, grad_dtype,
-            optim_state_dtype, adapter_dtype: override the policy's dtypes one by one ('bf16', 'fp32', ...;
-            weight_dtype may be a quantized format for the block linears, e.g. 'nf4' or 'int8').
-        quant_format, double_quant, quant_group: the qlora base format (block / group size: 64 by default). generate, context: KV cache of `context` positions for
-            `batch` sequences, prompt of `seq` tokens. attention: flash | efficient | math (SDPA backend).
-        keep_logits: the loop keeps the (B, S, V) logits alive through backward. params_override: count this many
-            parameters instead of the config's (one tensor; for the textbook case). device: 'cuda' (what is
-            predicted) or 'cpu' (CPU kernels save a few tensors differently: dropout's mask; used by the tests).
-    Returns:
-        dict with `total_bytes`, one `<component>_bytes` key per component at the peak (weights, trainable,
-        gradients, optimizer, activations, autocast_copies, logits_loss, temporary, workspace, kv_cache),
-        `static_bytes` (weights + trainable + all gradients + optimizer states: the "before activations" figure),
-        `peak_phase`, `dominant`, `host_bytes` (pinned CPU memory used by offloading) and `detail`.
-    Raises:
-        ConfigError: unknown method / precision / optimizer / dtype, or a non-positive batch or seq.
-    """
-    _check(cfg, method, precision, optimizer, batch, seq, offload)
-    comp_n, autocast, train_dt, frozen_dt, state_dt = PRECISIONS[precision]
-    qfmt = None
-    base_dt = weight_dtype or (train_dt if method == "full" else frozen_dt)
-    if base_dt in QUANT_FORMATS:
-        qfmt, base_dt = base_dt, (frozen_dt if method != "full" else comp_n)
-    if method == "qlora":
-        qfmt = qfmt or quant_format
-        if base_dt == "fp32" and weight_dtype is None:
-            base_dt = comp_n if comp_n != "fp32" else "bf16"
-    if method == "full" and qfmt:
-        raise ConfigError("full fine-tuning cannot train quantized weights; use --method qlora or a float weight dtype")
-    if offload == "optimizer" and method == "full" and weight_dtype is None:
-        base_dt = comp_n if comp_n != "fp32" else "fp32"  # the fp32 master lives on the CPU
-    wb, cb = dtype_bytes(base_dt, "weight dtype"), dtype_bytes(comp_n)
-    ab = dtype_bytes(adapter_dtype, "adapter dtype")
-    c = cb if autocast else wb  # bytes of matmul outputs
-    N, L, V = batch * seq, cfg.num_hidden_layers, cfg.vocab_size
-
-    # ---- parameters: weights (frozen or trained), adapters ------------------------------------------------------
-    table = param_table(cfg)
-    if params_override is not None:
-        from slimtune.memory.params import Param
-        table = [Param("params", (int(params_override),), "linear", 0, "q_proj")]
-    targets = set(lora_targets) if method != "full" else set()
-    weights = quant_tables = 0
-    trainable: list[tuple[int, int]] = []  # (numel, bytes per element) of each trainable tensor
-    max_linear = 0
-    for p in table:
-        if p.kind == "linear":
-            max_linear = max(max_linear, p.numel)
-        if qfmt and p.kind == "linear" and params_override is None:
-            weights += quant_linear_bytes(p.shape[0], p.shape[1], qfmt, quant_group, double_quant)
-            quant_tables += quant_tables_bytes(qfmt, double_quant)
-        else:
-            weights += p.numel * wb
-        if method == "full":
-            trainable.append((p.numel, wb))
-        elif p.kind == "linear" and p.module in targets:
-            out_f, in_f = p.shape if len(p.shape) == 2 else (p.numel, 1)
-            trainable += [(lora_rank * in_f, ab), (out_f * lora_rank, ab)]  # A (r, in), B (out, r)
-    adapters = 0 if method == "full" else sum(n * b for n, b in trainable)
-    gb = dtype_bytes(grad_dtype, "grad dtype") if grad_dtype else None
-    grads_full = sum(n * (gb or b) for n, b in trainable)
-    sb = dtype_bytes(optim_state_dtype or (state_dt if method == "full" else adapter_dtype), "optimizer-state dtype")
-    optim = _optimizer_bytes(trainable, optimizer, sb, sgd_momentum)
-    host = 0
-    if offload == "optimizer":  # fp32 master + states + pinned gradients on the CPU; nothing of them on the GPU
-        host = optim + sum(n * 4 for n, _ in trainable) + grads_full
-        optim = 0
-    static = weights + quant_tables + adapters + grads_full + optim
-    detail: dict = {"params": sum(p.numel for p in table), "trainable_params": sum(n for n, _ in trainable),
-                    "weight_format": qfmt or base_dt, "compute_dtype": comp_n if autocast else base_dt,
-                    "quant_tables_bytes": quant_tables}
-    persistent = {"weights": weights + quant_tables, "trainable": adapters, "optimizer": optim,
-                  "workspace": workspace_bytes}
-
-    if generate:
-        return _generate(cfg, batch, seq, context, c, persistent, detail)
-    if params_override is not None:  # no architecture to walk: the static figure only
-        out = {f"{k}_bytes": v for k, v in persistent.items()}
-        out.update(gradients_bytes=grads_full, static_bytes=static, host_bytes=host, peak_phase="static",
-                   detail=detail)
-        out["total_bytes"] = sum(v for k, v in out.items() if k.endswith("_bytes") and k not in
-                                 ("static_bytes", "host_bytes"))
-        out["dominant"] = max((k for k in persistent), key=lambda k: out[f"{k}_bytes"])
-        return out
-
-    # ---- activations ----------------------------------------------------------------------------------------------
-    full = method == "full"
-    r = Regime(resid=wb, compute=c, norm_out=wb, autocast=autocast, adapter=ab,
-               trainable=frozenset(BLOCK_LINEARS) if full else frozenset(),
-               adapters={} if full else {t: lora_rank for t in targets if t in BLOCK_LINEARS},
-               norms=full, embed=full, head=full, attention=attention, lora_dropout=lora_dropout,
-               dropout_mask=1 if device == "cuda" else 0)
-    a_first = sum(block_saved(cfg, batch, seq, r, x_grad=full).values())
-    per_op = block_saved(cfg, batch, seq, r, x_grad=True)
-    a_blk = sum(per_op.values())
-    shared = sum(shared_saved(cfg, batch, seq, r).values())
-    head = sum(head_saved(cfg, batch, seq, r).values())
-    # autocast casts of base weights whose dtype differs from the compute dtype: trained ones are cached until the
-    # autocast context exits; every cast weight is kept by its matmul for the input gradient
-    blk_w = sum(p.numel for p in table if p.kind == "linear" and p.layer == 0)
-    cast_blk = blk_w * c if autocast and wb != c and not qfmt else 0
-    head_w = cfg.vocab_size * cfg.hidden_size
-    cast_head = head_w * c if autocast and wb != c else 0
-    if autocast and ab != c:  # adapters (leaves that train) are cast once per forward and cached
-        cast_head += adapters // ab * c
-    # the loop's loss (data.causal_lm_loss): logits[:, :-1].float() -> cross_entropy, after the autocast context
-    NV, NVp = N * V, batch * (seq - 1) * V
-    logits = NV * c if keep_logits else 0
-    logp = NVp * 4 + N * 8 + 4  # log_softmax's fp32 output; nll_loss keeps the int64 targets and the weight sum
-    upcast = NVp * 4 if c != 4 else 0  # the fp32 copy, alive while log_softmax runs
-    trans = block_backward_transient(cfg, batch, seq, r)
-    if full and autocast and wb != c:  # dW from the matmul in `c`, then its cast to the fp32 .grad
-        trans += max_linear * c
-    if qfmt:  # dequantize: int32 indices (2 B/weight) + fp32 values (4 B/weight), then the 16-bit weight
-        trans += 6 * max_linear
-    g_blk = sum(n * (gb or b) for (n, b), p in zip(trainable, _owners(table, method, targets)) if p == 0)
-    g_head = sum(n * (gb or b) for (n, b), p in zip(trainable, _owners(table, method, targets)) if p == -2)
-    g_embed = grads_full - g_blk * L - g_head if full else 0
-    if cfg.tie_word_embeddings and full:  # the shared matrix's .grad appears at lm_head's backward
-        g_head += g_embed  # (g_embed stays: the embedding's own contribution is added at the end, a transient)
-    if offload == "activations" and not grad_ckpt:
-        held = lambda k: min(k, 2) * a_blk  # noqa: E731  the block in flight to / from host and the next one
-    elif grad_ckpt:
-        held = lambda k: k * N * cfg.hidden_size * wb  # noqa: E731  block inputs kept by the checkpoints
-    else:
-        held = lambda k: a_first + (k - 1) * a_blk if k else 0  # noqa: E731
-    # in backward, casts are held for the blocks not yet processed; with checkpointing only the recomputed one's
-    cast_held = (lambda k: cast_blk) if grad_ckpt else (lambda k: k * cast_blk)  # noqa: E731
-
-    phases: dict[str, dict[str, int]] = {}
-    fwd_act = held(L) + shared + head
-    phases["forward_end"] = dict(activations=fwd_act, autocast_copies=L * cast_blk + cast_head,
-                                 logits_loss=NV * c, gradients=0, temporary=0)
-    bwd_cast = (0 if grad_ckpt else L * cast_blk) + cast_head  # autocast's cache is gone; the graph's copies stay
-    phases["loss_forward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=NV * c + upcast + logp,
-                                  gradients=0, temporary=0)
-    phases["loss_backward"] = dict(activations=fwd_act, autocast_copies=bwd_cast,
-                                   logits_loss=logits + logp + 2 * NVp * 4, gradients=0, temporary=0)
-    head_tmp = head_w * c if (full and autocast and wb != c) else 0
-    phases["head_backward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=logits + NV * c,
-                                   gradients=g_head, temporary=head_tmp + N * cfg.hidden_size * c)
-    for k in (L - 1, 0):  # the last block (most activations held) and the first (most gradients)
-        recompute = (a_first if k == 0 else a_blk) if grad_ckpt else 0
-        phases[f"block{k}_backward"] = dict(
-            activations=held(k + 1) + recompute + shared, autocast_copies=cast_held(k + 1), logits_loss=logits,
-            gradients=g_head + (L - k) * g_blk, temporary=trans)
-    phases["backward_end"] = dict(activations=0, autocast_copies=0, logits_loss=logits, gradients=grads_full,
-                                  temporary=g_embed if cfg.tie_word_embeddings and full else 0)  # dE, added
-    opt_tmp = 0  # fused AdamW and torchao's 8-bit AdamW: no full-size temporaries
-    phases["optimizer_step"] = dict(activations=0, autocast_copies=0, logits_loss=0, gradients=grads_full,
-                                    temporary=opt_tmp)
-    totals = {k: sum(v.values()) + sum(persistent.values()) for k, v in phases.items()}
-    peak = max(totals, key=totals.get)
-    out = {f"{k}_bytes": v for k, v in persistent.items()}
-    out.update({f"{k}_bytes": v for k, v in phases[peak].items()})
-    out["kv_cache_bytes"] = 0
-    out["total_bytes"] = totals[peak]
-    comps = {k: v for k, v in out.items() if k.endswith("_bytes") and k != "total_bytes"}
-    out["dominant"] = max(comps, key=comps.get).removesuffix("_bytes")
-    out.update(static_bytes=static, host_bytes=host + (L * a_blk if offload == "activations" else 0),
-               peak_phase=peak)
-    detail.update(block_saved_bytes=a_blk, first_block_saved_bytes=a_first, block_saved_by_op=per_op,
-                  shared_saved_bytes=shared, head_saved_bytes=head, gradients_full_bytes=grads_full,
-                  phases=totals, autocast_copies_forward_bytes=L * cast_blk + cast_head)
-    out["detail"] = detail
-    return out
-
-
-def _owners(table, method: str, targets: set) -> list[int]:
-    """For each trainable tensor (in `estimate`'s order): 0 if it belongs to block 0, -2 for the head / final norm,
+def _owners(table: list[Param], method: str, targets: set) -> list[int]:
+    """For each trainable tensor (in `_parameters`' order): 0 if it belongs to block 0, -2 for the head / final norm,
     -1 elsewhere (other blocks, embeddings). Used to size the gradients present during backward."""
     owners = []
     for p in table:
@@ -261,13 +154,136 @@ def _owners(table, method: str, targets: set) -> list[int]:
     return owners
 
 
-def _generate(cfg: ModelConfig, batch: int, seq: int, context: int | None, c: int, persistent: dict,
-              detail: dict) -> dict:
+@dataclass
+class _Params:
+    """The persistent part: parameter table, trainable tensors [(numel, bytes)], their gradients and states."""
+
+    table: list[Param]
+    targets: set
+    trainable: list[tuple[int, int]]
+    weights: int
+    quant_tables: int
+    adapters: int
+    grads_full: int
+    optim: int
+    host: int
+    max_linear: int
+
+
+def _parameters(e: EstimateInput, b: _Bytes) -> _Params:
+    table = param_table(e.cfg)
+    if e.params_override is not None:
+        table = [Param("params", (int(e.params_override),), "linear", 0, "q_proj")]
+    targets = set(e.lora_targets) if e.method != "full" else set()
+    weights = quant_tables = max_linear = 0
+    trainable: list[tuple[int, int]] = []  # (numel, bytes per element) of each trainable tensor
+    codec = get_codec(b.qfmt) if b.qfmt else None
+    for p in table:
+        if p.kind == "linear":
+            max_linear = max(max_linear, p.numel)
+        if codec and p.kind == "linear" and e.params_override is None:
+            weights += codec.nbytes(p.shape[0], p.shape[1], e.quant_group, e.double_quant)
+            quant_tables += codec.table_bytes(e.double_quant)
+        else:
+            weights += p.numel * b.wb
+        if e.method == "full":
+            trainable.append((p.numel, b.wb))
+        elif p.kind == "linear" and p.module in targets:
+            out_f, in_f = p.shape if len(p.shape) == 2 else (p.numel, 1)
+            trainable += [(e.lora_rank * in_f, b.ab), (out_f * e.lora_rank, b.ab)]  # A (r, in), B (out, r)
+    adapters = 0 if e.method == "full" else sum(n * s for n, s in trainable)
+    gb = dtype_bytes(e.grad_dtype, "grad dtype") if e.grad_dtype else None
+    grads_full = sum(n * (gb or s) for n, s in trainable)
+    optim = _optimizer_bytes(trainable, e.optimizer, dtype_bytes(b.state, "optimizer-state dtype"), e.sgd_momentum)
+    host = 0
+    if e.offload == "optimizer":  # fp32 master + states + pinned gradients on the CPU; nothing of them on the GPU
+        host = optim + sum(n * 4 for n, _ in trainable) + grads_full
+        optim = 0
+    return _Params(table, targets, trainable, weights, quant_tables, adapters, grads_full, optim, host, max_linear)
+
+
+def _phases(e: EstimateInput, b: _Bytes, P: _Params) -> tuple[dict[str, dict[str, int]], dict[str, Any]]:
+    """Bytes alive at each phase of the step, by component, and the activation details."""
+    cfg, batch, seq, full = e.cfg, e.batch, e.seq, e.method == "full"
+    N, L, V, c = batch * seq, cfg.num_hidden_layers, cfg.vocab_size, b.c
+    r = Regime(resid=b.wb, compute=c, norm_out=b.wb, autocast=b.autocast, adapter=b.ab,
+               trainable=frozenset(BLOCK_LINEARS) if full else frozenset(),
+               adapters={} if full else {t: e.lora_rank for t in P.targets if t in BLOCK_LINEARS},
+               norms=full, embed=full, head=full, attention=e.attention, lora_dropout=e.lora_dropout,
+               dropout_mask=1 if e.device == "cuda" else 0)
+    a_first = sum(block_saved(cfg, batch, seq, r, x_grad=full).values())
+    per_op = block_saved(cfg, batch, seq, r, x_grad=True)
+    a_blk = sum(per_op.values())
+    shared = sum(shared_saved(cfg, batch, seq, r).values())
+    head = sum(head_saved(cfg, batch, seq, r).values())
+    # autocast casts of base weights whose dtype differs from the compute dtype: trained ones are cached until the
+    # autocast context exits; every cast weight is kept by its matmul for the input gradient
+    blk_w = sum(p.numel for p in P.table if p.kind == "linear" and p.layer == 0)
+    cast_blk = blk_w * c if b.autocast and b.wb != c and not b.qfmt else 0
+    head_w = cfg.vocab_size * cfg.hidden_size
+    cast_head = head_w * c if b.autocast and b.wb != c else 0
+    if b.autocast and b.ab != c:  # adapters (leaves that train) are cast once per forward and cached
+        cast_head += P.adapters // b.ab * c
+    # the loop's loss (train.loss.causal_lm_loss): logits[:, :-1].float() -> cross_entropy, after autocast exits
+    NV, NVp = N * V, batch * (seq - 1) * V
+    logits = NV * c if e.keep_logits else 0
+    logp = NVp * 4 + N * 8 + 4  # log_softmax's fp32 output; nll_loss keeps the int64 targets and the weight sum
+    upcast = NVp * 4 if c != 4 else 0  # the fp32 copy, alive while log_softmax runs
+    trans = block_backward_transient(cfg, batch, seq, r)
+    if full and b.autocast and b.wb != c:  # dW from the matmul in `c`, then its cast to the fp32 .grad
+        trans += P.max_linear * c
+    if b.qfmt:  # dequantize: int32 indices (2 B/weight) + fp32 values (4 B/weight), then the 16-bit weight
+        trans += 6 * P.max_linear
+    gb = dtype_bytes(e.grad_dtype, "grad dtype") if e.grad_dtype else None
+    owners = _owners(P.table, e.method, P.targets)
+    g_blk = sum(n * (gb or s) for (n, s), o in zip(P.trainable, owners) if o == 0)
+    g_head = sum(n * (gb or s) for (n, s), o in zip(P.trainable, owners) if o == -2)
+    g_embed = P.grads_full - g_blk * L - g_head if full else 0
+    if cfg.tie_word_embeddings and full:  # the shared matrix's .grad appears at lm_head's backward
+        g_head += g_embed  # (g_embed stays: the embedding's own contribution is added at the end, a transient)
+    if e.offload == "activations" and not e.grad_ckpt:
+        held = lambda k: min(k, 2) * a_blk  # noqa: E731  the block in flight to / from host and the next one
+    elif e.grad_ckpt:
+        held = lambda k: k * N * cfg.hidden_size * b.wb  # noqa: E731  block inputs kept by the checkpoints
+    else:
+        held = lambda k: a_first + (k - 1) * a_blk if k else 0  # noqa: E731
+    # in backward, casts are held for the blocks not yet processed; with checkpointing only the recomputed one's
+    cast_held = (lambda k: cast_blk) if e.grad_ckpt else (lambda k: k * cast_blk)  # noqa: E731
+
+    ph: dict[str, dict[str, int]] = {}
+    fwd_act = held(L) + shared + head
+    ph["forward_end"] = dict(activations=fwd_act, autocast_copies=L * cast_blk + cast_head, logits_loss=NV * c,
+                             gradients=0, temporary=0)
+    bwd_cast = (0 if e.grad_ckpt else L * cast_blk) + cast_head  # autocast's cache is gone; the graph's copies stay
+    ph["loss_forward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=NV * c + upcast + logp,
+                              gradients=0, temporary=0)
+    ph["loss_backward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=logits + logp + 2 * NVp * 4,
+                               gradients=0, temporary=0)
+    head_tmp = head_w * c if (full and b.autocast and b.wb != c) else 0
+    ph["head_backward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=logits + NV * c,
+                               gradients=g_head, temporary=head_tmp + N * cfg.hidden_size * c)
+    for k in (L - 1, 0):  # the last block (most activations held) and the first (most gradients)
+        recompute = (a_first if k == 0 else a_blk) if e.grad_ckpt else 0
+        ph[f"block{k}_backward"] = dict(
+            activations=held(k + 1) + recompute + shared, autocast_copies=cast_held(k + 1), logits_loss=logits,
+            gradients=g_head + (L - k) * g_blk, temporary=trans)
+    ph["backward_end"] = dict(activations=0, autocast_copies=0, logits_loss=logits, gradients=P.grads_full,
+                              temporary=g_embed if cfg.tie_word_embeddings and full else 0)  # dE, added
+    # fused AdamW and torchao's 8-bit AdamW: no full-size temporaries
+    ph["optimizer_step"] = dict(activations=0, autocast_copies=0, logits_loss=0, gradients=P.grads_full, temporary=0)
+    detail = dict(block_saved_bytes=a_blk, first_block_saved_bytes=a_first, block_saved_by_op=per_op,
+                  shared_saved_bytes=shared, head_saved_bytes=head, gradients_full_bytes=P.grads_full,
+                  autocast_copies_forward_bytes=L * cast_blk + cast_head)
+    return ph, detail
+
+
+def _generate(e: EstimateInput, c: int, persistent: dict, detail: dict) -> dict:
     """Generation: weights + a KV cache (L layers x k and v, (B, nkv, context, hd)) + the prefill's logits
     (B, S, V) and its largest no-grad intermediate (the MLP's gate, up and product, (B, S, f) each)."""
-    ctx = context or seq
+    cfg, batch, seq = e.cfg, e.batch, e.seq
+    ctx = e.context or seq
     if not isinstance(ctx, int) or ctx <= 0:
-        raise ConfigError(f"context must be a positive integer, got {context!r}")
+        raise ConfigError(f"context must be a positive integer, got {e.context!r}")
     N = batch * seq
     kv = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * ctx * cfg.head_dim * c
     out = {f"{k}_bytes": v for k, v in persistent.items() if k != "optimizer"}
@@ -280,4 +296,52 @@ def _generate(cfg: ModelConfig, batch: int, seq: int, context: int | None, c: in
     return out
 
 
-__all__ = ["estimate", "METHODS", "OPTIMIZERS", "PRECISIONS", "DTYPE_BYTES"]
+def estimate(spec: EstimateInput | ModelConfig, *args: Any, **kw: Any) -> dict:
+    """Predict the peak of `torch.cuda.max_memory_allocated` over one steady-state training step (forward, backward,
+    optimizer step; optimizer state already allocated), or over generation with `generate=True`.
+
+    Args:
+        spec: an `EstimateInput`, or a `ModelConfig` followed by EstimateInput's other fields (positional or named).
+    Returns:
+        dict with `total_bytes`, one `<component>_bytes` key per component at the peak (weights, trainable,
+        gradients, optimizer, activations, autocast_copies, logits_loss, temporary, workspace, kv_cache),
+        `static_bytes` (weights + trainable + all gradients + optimizer states: the "before activations" figure),
+        `peak_phase`, `dominant`, `host_bytes` (pinned CPU memory used by offloading) and `detail`.
+    Raises:
+        ConfigError: unknown method / precision / optimizer / dtype, or a non-positive batch or seq.
+    """
+    e = spec if isinstance(spec, EstimateInput) else EstimateInput(spec, *args, **kw)
+    e.validate()
+    b = _resolve(e)
+    P = _parameters(e, b)
+    static = P.weights + P.quant_tables + P.adapters + P.grads_full + P.optim
+    detail: dict = {"params": sum(p.numel for p in P.table), "trainable_params": sum(n for n, _ in P.trainable),
+                    "weight_format": b.qfmt or b.base, "compute_dtype": b.comp if b.autocast else b.base,
+                    "quant_tables_bytes": P.quant_tables}
+    persistent = {"weights": P.weights + P.quant_tables, "trainable": P.adapters, "optimizer": P.optim,
+                  "workspace": e.workspace_bytes}
+    if e.generate:
+        return _generate(e, b.c, persistent, detail)
+    if e.params_override is not None:  # no architecture to walk: the static figure only
+        out = {f"{k}_bytes": v for k, v in persistent.items()}
+        out.update(gradients_bytes=P.grads_full, static_bytes=static, host_bytes=P.host, peak_phase="static",
+                   detail=detail)
+        out["total_bytes"] = sum(v for k, v in out.items() if k.endswith("_bytes") and k not in
+                                 ("static_bytes", "host_bytes"))
+        out["dominant"] = max((k for k in persistent), key=lambda k: out[f"{k}_bytes"])
+        return out
+    phases, act_detail = _phases(e, b, P)
+    totals = {k: sum(v.values()) + sum(persistent.values()) for k, v in phases.items()}
+    peak = max(totals, key=totals.get)
+    out = {f"{k}_bytes": v for k, v in persistent.items()}
+    out.update({f"{k}_bytes": v for k, v in phases[peak].items()})
+    out["kv_cache_bytes"] = 0
+    out["total_bytes"] = totals[peak]
+    comps = {k: v for k, v in out.items() if k.endswith("_bytes") and k != "total_bytes"}
+    out["dominant"] = max(comps, key=comps.get).removesuffix("_bytes")
+    a_blk = act_detail["block_saved_bytes"]
+    out.update(static_bytes=static, host_bytes=P.host + (e.cfg.num_hidden_layers * a_blk
+                                                         if e.offload == "activations" else 0), peak_phase=peak)
+    detail.update(act_detail, phases=totals)
+    out["detail"] = detail
+    return out

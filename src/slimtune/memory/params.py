@@ -1,32 +1,10 @@
-"""The parameter tensors of a `Decoder` config, listed analytically (no model built), and their bytes per format.
-
-Weights of the block linears can be stored quantized: NF4/FP4 (packed 2 per byte + one absmax per block of 64: fp32,
-or with double quantization uint8 + one fp32 per 256 blocks + an fp32 offset), int8 / fp8 (1 byte + an fp32 scale per
-output row), int4 (2 per byte + fp32 scale and uint8 zero per group), ternary (4 per byte + one fp32 scale); the
-same buffers `slimtune.quant.QuantLinear` holds.
-"""
+"""The parameter tensors of a `Decoder` config, listed analytically (no model built): names, shapes, kinds. Their
+bytes come from the dtype table (`slimtune.precision.formats`) or, quantized, from the format's codec."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimtune.errors import ConfigError
 from slimtune.models.config import ModelConfig
-
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
-QUANT_FORMATS = ("nf4", "fp4", "int8", "int4", "fp8", "w8a8", "ternary")
-
-
-def dtype_bytes(name: str, what: str = "dtype") -> int:
-    """Bytes per element of a dtype name ('bf16', 'float32', ...).
-
-    Raises:
-        ConfigError: unknown name.
-    """
-    key = str(name).lower().removeprefix("torch.")
-    if key not in DTYPE_BYTES:
-        raise ConfigError(f"unknown {what} {name!r}; choose one of fp32, bf16, fp16, fp8, int8")
-    return DTYPE_BYTES[key]
-
 
 @dataclass(frozen=True)
 class Param:
@@ -78,34 +56,3 @@ def param_table(cfg: ModelConfig) -> list[Param]:
     if not cfg.tie_word_embeddings:
         ps.append(Param("lm_head.weight", (cfg.vocab_size, d), "head"))
     return ps
-
-
-def quant_linear_bytes(out_f: int, in_f: int, fmt: str, group: int | None = None, double_quant: bool = True) -> int:
-    """Bytes of one quantized (out_f, in_f) weight: the buffers of `QuantLinear` (bias excluded).
-
-    Raises:
-        ConfigError: unknown format.
-    """
-    n = out_f * in_f
-    if fmt in ("nf4", "fp4"):
-        g = group or 64
-        nb = -(-n // g)  # blocks of `g` weights, each with one absmax
-        absmax = nb + 4 * -(-nb // 256) + 4 if double_quant else 4 * nb
-        return (n + 1) // 2 + absmax
-    if fmt in ("int8", "w8a8", "fp8"):
-        return n + 4 * out_f
-    if fmt == "int4":
-        g = group or 64
-        return n // 2 + out_f * (in_f // g) * 5
-    if fmt == "ternary":
-        return n // 4 + 4
-    raise ConfigError(f"unknown weight format {fmt!r}; choose a dtype (fp32, bf16, fp16) or one of "
-                      f"{', '.join(QUANT_FORMATS)}")
-
-
-def quant_tables_bytes(fmt: str, double_quant: bool = True) -> int:
-    """Per-layer lookup tables a 4-bit checkpoint carries: the 16-entry code (fp32) and, with double quantization, the
-    256-entry code of the absmax values (fp32). Zero for the other formats."""
-    if fmt not in ("nf4", "fp4"):
-        return 0
-    return 16 * 4 + (256 * 4 if double_quant else 0)

@@ -7,17 +7,16 @@ module is factored by SVD into a rank-r LoRA with lora_alpha = r (scale 1).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from slimtune.checkpoint import TensorLoc, read_tensor, tensor_index
 from slimtune.errors import CheckpointError
-
-PREFIX = "base_model.model."
+from slimtune.io.safetensors import TensorLoc, read_tensor, tensor_index
+from slimtune.peft.base import FILE_PREFIX as PREFIX
+from slimtune.peft.lora import lora_scale
 
 
 @dataclass
@@ -77,7 +76,7 @@ def load_lora(folder: Path, label: str) -> Lora:
         if set(ab) != {"A", "B"}:
             raise CheckpointError(f"{label}: adapter has lora_{set('AB') - set(ab)} missing for {name}")
         r = ab["A"].shape[0]  # the actual rank (rank_pattern included)
-        scale = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
+        scale = lora_scale(alpha, r, bool(conf.get("use_rslora")))
         targets[name] = (ab["A"], ab["B"], scale)
     return Lora(folder, conf, targets)
 

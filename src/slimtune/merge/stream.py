@@ -15,9 +15,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from slimtune.checkpoint import (DEFAULT_SHARD, IGNORED_SUFFIXES, ST_DTYPES, TensorLoc, _shards, check_cast,
-                                 copy_tokenizer_files, parse_dtype, read_tensor, resolve, tensor_index,
-                                 write_folder_atomically)
+from slimtune.io.folders import write_folder_atomically
+from slimtune.io.hub import resolve
+from slimtune.io.safetensors import DEFAULT_SHARD, ST_DTYPES, TensorLoc, read_tensor, split_shards, tensor_index
+from slimtune.models.load import IGNORED_SUFFIXES
+from slimtune.models.save import copy_tokenizer_files
+from slimtune.precision.formats import parse_dtype
+from slimtune.precision.guard import check_cast
 from slimtune.errors import CheckpointError, ConfigError
 from slimtune.merge import methods as M
 from slimtune.merge.config import MergeConfig
@@ -252,7 +256,7 @@ class ShardWriter:
     def __init__(self, folder: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int,
                  prefix: str = "model"):
         meta = {n: torch.empty(s, dtype=d, device="meta") for n, s, d in specs}
-        shards = _shards(meta, max_bytes)
+        shards = split_shards(meta, max_bytes)
         self.files, self.where, weight_map, total = [], {}, {}, 0
         for i, shard in enumerate(shards):
             fname = (f"{prefix}.safetensors" if len(shards) == 1 else

@@ -1,4 +1,5 @@
-"""Models: the config, the decoder, named shapes and the built-in tiny model."""
+"""Models: the flat config (`config`), the decoder (`decoder`, with `attention`, `layers`, `cache`), loading and
+saving Hugging Face folders (`load`, `save`, `tokenizer`), named shapes (`shapes`) and the built-in tiny model."""
 from slimtune.models.config import ModelConfig  # noqa: F401
-from slimtune.models.decoder import Decoder, KVCache  # noqa: F401
+from slimtune.models.decoder import Decoder  # noqa: F401
 from slimtune.models.shapes import SHAPES, build_meta, get_shape  # noqa: F401

@@ -1,147 +1,19 @@
 """The decoder: one readable Llama-family transformer (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) driven by `ModelConfig`.
 
 Module names follow the Hugging Face layout (`model.layers.N.self_attn.q_proj` ...) so that state dicts and adapters
-are interchangeable with transformers and PEFT. Attention goes through `F.scaled_dot_product_attention` with
-grouped-query heads; a preallocated KV cache serves generation.
+are interchangeable with transformers and PEFT. Attention lives in `attention.py`, norms and the MLP in `layers.py`,
+the generation cache in `cache.py`.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from slimtune.models.attention import Attention, rope_inv_freq
+from slimtune.models.cache import KVCache
 from slimtune.models.config import ModelConfig
-
-# With a KV cache the key length changes every step; cuDNN attention (the default on Hopper) builds a new plan per
-# shape (measured: 63 ms a decode step on an H100, flash 0.6 ms), so decoding uses flash, or math for masks.
-DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
-
-
-class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), the statistic in fp32, the product in the input dtype (as transformers)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def rope_inv_freq(cfg: ModelConfig) -> Tensor:
-    """Inverse frequencies theta^(-2i/hd), i < hd/2, in fp32, with linear or llama3 scaling applied.
-
-    llama3 (Llama 3.1): wavelengths longer than original_len / low_freq_factor are divided by `factor`, shorter than
-    original_len / high_freq_factor kept, and those in between interpolated smoothly.
-    """
-    hd = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
-    rs = cfg.rope_scaling or {}
-    kind = rs.get("rope_type", rs.get("type", "default"))
-    if kind == "linear":
-        inv = inv / rs["factor"]
-    elif kind == "llama3":
-        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-        old_len = rs["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
-        smooth = (old_len / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
-        inv = torch.where(medium, smoothed, scaled)
-    return inv
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-class Attention(nn.Module):
-    """Grouped-query self-attention: nh query heads share nkv key/value heads (nh % nkv == 0).
-
-    `prefix` (set by prefix tuning) is an optional module returning (k, v), each (B, nkv, P, hd): P extra key/value
-    positions that every query sees.
-    """
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
-        d, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.nh, self.nkv, self.hd, self.layer_idx = nh, nkv, hd, layer_idx
-        self.q_proj = nn.Linear(d, nh * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d, nkv * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, nkv * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(nh * hd, d, bias=cfg.o_bias)
-        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's hd features, before RoPE
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
-        self.prefix: nn.Module | None = None
-
-    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, mask: Tensor | None,
-                cache: "KVCache | None" = None) -> Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        if cos is not None:
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd), broadcast over heads
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, past + T, hd)
-        is_causal = mask is None and T > 1  # build_mask returns None for T > 1 only when past == 0
-        if self.prefix is not None:
-            pk, pv = self.prefix(B)
-            P = pk.shape[2]
-            k, v = torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)
-            if mask is None:  # build the causal mask this fast path skipped
-                S = k.shape[2] - P
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
-            mask = torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], -1)  # every query sees the prefix
-            is_causal = False
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                               enable_gqa=self.nh != self.nkv)
-        else:
-            with sdpa_kernel(DECODE_BACKENDS):
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                                   enable_gqa=self.nh != self.nkv)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(act(gate(x)) * up(x)); or, ungated (GPT), down(act(up(x)))."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        if cfg.mlp_gated:
-            self.gate_proj = nn.Linear(d, f, bias=b)
-        self.up_proj = nn.Linear(d, f, bias=b)
-        self.down_proj = nn.Linear(f, d, bias=b)
-        self.act = ACTIVATIONS[cfg.hidden_act]
-
-    def forward(self, x: Tensor) -> Tensor:
-        if hasattr(self, "gate_proj"):
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.act(self.up_proj(x)))
-
-
-def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    return RMSNorm(dim, cfg.rms_norm_eps) if cfg.norm_type == "rms" else nn.LayerNorm(dim, eps=cfg.rms_norm_eps)
+from slimtune.models.layers import MLP, make_norm
 
 
 class Block(nn.Module):
@@ -273,37 +145,6 @@ class Decoder(nn.Module):
     def forward(self, input_ids: Tensor | None = None, **kw) -> Tensor:
         """Logits (B, T, vocab); keyword arguments as `hidden_states`."""
         return self.lm_head(self.hidden_states(input_ids, **kw))
-
-
-class KVCache:
-    """Preallocated keys and values for generation: per layer (B, nkv, max_len, hd); `pos` tokens filled so far.
-
-    In `static` mode (for CUDA graphs) every shape is fixed: new keys go to the slots in the tensor `index`, attention
-    runs over all max_len slots, and the caller passes a (B, max_len) attention mask of the filled slots and the
-    position ids; `pos` is then the caller's business.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str,
-                 dtype: torch.dtype) -> None:
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.pos = 0
-        self.max_len = max_len
-        self.static = False
-        self.index = torch.zeros(1, dtype=torch.long, device=device)
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.static:
-            self.k[layer].index_copy_(2, self.index, k)
-            self.v[layer].index_copy_(2, self.index, v)
-            return self.k[layer], self.v[layer]
-        T = k.shape[2]
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache of {self.max_len} positions is full")
-        self.k[layer][:, :, self.pos:self.pos + T] = k
-        self.v[layer][:, :, self.pos:self.pos + T] = v
-        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
 
 
 def init_weights(model: Decoder, seed: int, std: float = 0.02) -> Decoder:

@@ -66,7 +66,7 @@ def builtin_tokenizer():
 
 def write_builtin(path: str | Path, seed: int = 0, dtype: torch.dtype | None = None) -> Path:
     """Write the tiny model as a Hugging Face folder (config.json, model.safetensors, tokenizer files)."""
-    from slimtune.checkpoint import save_model
+    from slimtune.models.save import save_model
 
     path = Path(path)
     save_model(builtin_model(seed), path, dtype=dtype, tokenizer=builtin_tokenizer())

@@ -1,16 +1,19 @@
-"""The protocol every fine-tuning method follows: a small typed config, `apply`, and a state dict in PEFT key naming.
+"""The protocol every fine-tuning method follows: a small typed config whose fields carry their user-facing facts
+(`option`), `apply`, and a state dict in PEFT key naming.
 
 A method module builds one `MethodSpec` and calls `register(spec)` at import; `METHOD_MODULES` lists the modules
-imported by `load_methods()`. Layers that hold named adapters subclass `AdapterLayer` (wrap `base_layer`), so that
-switching, disabling, deleting, merging and unloading work the same way for every method.
+imported by `load_methods()`. A config field declared with `option(..., flat="rank", cli="rank", resume=True,
+help=...)` becomes, with no other edit, the run key `rank=...` of `slimtune finetune`, the flag `--rank` of
+`slimtune params`, and a value a resumed run must keep (`declared_options()` is the table all of them read).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
+import types
+import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -31,6 +34,58 @@ METHOD_MODULES: list[str] = [
 ]
 
 FILE_PREFIX = "base_model.model."  # PEFT's prefix of a module path inside adapter_model.safetensors
+
+
+def option(default: Any = MISSING, *, default_factory: Any = MISSING, flat: str | None = None,
+           cli: str | None = None, resume: bool = True, help: str = "") -> Any:
+    """A method config field with its user-facing facts (dataclasses.field metadata).
+
+    Args:
+        flat: the key of a run's flat config (`slimtune finetune ... rank=8`) that sets this field; None: only
+            through `method_args`. Several methods may share a flat key (each sets its own field).
+        cli: the `slimtune params` flag (`--cli`); default: the flat key; None with no flat key: no flag.
+        resume: a run resumed from a checkpoint must keep this value (it changes the numerics).
+        help: one line for --help.
+    """
+    md = {"flat": flat, "cli": cli or flat, "resume": resume, "help": help}
+    return field(default=default, default_factory=default_factory, metadata={"slimtune": md})
+
+
+@dataclass(frozen=True)
+class DeclaredOption:
+    """One user-facing name of method fields (a flat run key, or a `slimtune params` flag): the fields' type (made
+    optional), help, whether resume must keep it, and {method: field name} of the methods it sets."""
+
+    name: str
+    type: Any
+    help: str
+    resume: bool
+    fields: dict[str, str]
+
+
+def _optional(tp: Any) -> Any:
+    """`tp | None` (unchanged when it already admits None)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
+        return tp
+    return tp | None
+
+
+def declared_options(kind: str = "flat") -> dict[str, DeclaredOption]:
+    """name -> DeclaredOption for every `option(..., flat=...)` (kind 'flat') or `option(..., cli=...)` (kind 'cli')
+    of every registered method, in registration and field order. The first method declaring a name gives its type
+    and help."""
+    out: dict[str, DeclaredOption] = {}
+    for spec in load_methods().values():
+        hints = typing.get_type_hints(spec.config_cls)
+        for f in dataclasses.fields(spec.config_cls):
+            key = (f.metadata.get("slimtune") or {}).get(kind)
+            if not key:
+                continue
+            md, have = f.metadata["slimtune"], out.get(key)
+            fields = {**(have.fields if have else {}), spec.name: f.name}
+            out[key] = DeclaredOption(key, have.type if have else _optional(hints[f.name]),
+                                      have.help if have else md["help"], md["resume"], fields)
+    return out
 
 
 @dataclass
@@ -160,170 +215,6 @@ def check_rank(r: int, what: str = "r") -> None:
         raise ConfigError(f"{what} must be a positive integer, got {r!r}")
 
 
-# ---- adapter layers -------------------------------------------------------------------------------------------------
-class AdapterLayer(nn.Module):
-    """A layer that wraps `base_layer` and holds named adapters in the ModuleDicts / ParameterDicts listed in
-    `adapter_attrs` (e.g. ('lora_A', 'lora_B')). `active` names the adapters used in forward; `disabled` bypasses
-    all of them; `merged` lists adapters folded into the base weight."""
-
-    adapter_attrs: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.training = base_layer.training  # new layers follow the model's mode (eval stays eval: no dropout)
-        self.active: list[str] = []
-        self.disabled = False
-        self.merged: list[str] = []
-
-    def adapter_names(self) -> list[str]:
-        names: dict[str, None] = {}
-        for a in self.adapter_attrs:
-            names.update(dict.fromkeys(getattr(self, a).keys()))
-        return list(names)
-
-    def set_active(self, names: list[str]) -> None:
-        self.active = [n for n in names if n in self.adapter_names()]
-
-    def delete(self, name: str) -> None:
-        """Remove adapter `name` (unmerging everything first if it was merged)."""
-        if name in self.merged:
-            self.unmerge()
-        for a in self.adapter_attrs:
-            d = getattr(self, a)
-            if name in d:
-                del d[name]
-        self.active = [n for n in self.active if n != name]
-
-    def merge(self, names: list[str] | None = None) -> None:
-        raise ConfigError(f"{type(self).__name__} adapters cannot be merged into the base layer; use unload instead")
-
-    def unmerge(self) -> None:
-        """Undo `merge` (a no-op where nothing is merged)."""
-
-    def unloaded(self, merge: bool) -> nn.Module:
-        """The plain module to put back in this layer's place: the base layer, with the active adapters folded into
-        it when `merge`."""
-        if merge and self.active and not self.disabled:
-            self.merge(self.active)
-        else:
-            self.unmerge()
-        return self.base_layer
-
-
-class ModulesToSave(AdapterLayer):
-    """PEFT's `modules_to_save`: a full trainable copy of a module per adapter (e.g. a classification head); the
-    active adapter's copy replaces the original in forward. Saved as `base_model.model.<path>.<param>`."""
-
-    adapter_attrs = ("modules_to_save",)
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.modules_to_save = nn.ModuleDict()
-
-    def add(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.base_layer).train(self.training)
-
-    def forward(self, *args: Any, **kw: Any) -> Any:
-        if self.disabled or not self.active:
-            return self.base_layer(*args, **kw)
-        return self.modules_to_save[self.active[0]](*args, **kw)
-
-    def unloaded(self, merge: bool) -> nn.Module:
-        if merge and self.active and not self.disabled:
-            return self.modules_to_save[self.active[0]]
-        return self.base_layer
-
-
-def modules_to_save_paths(model: nn.Module, names: list[str] | str | None) -> list[str]:
-    """Paths of the modules named (exact or suffix) in `modules_to_save`.
-
-    Raises:
-        ConfigError: a name that matches no module.
-    """
-    if not names:
-        return []
-    from slimtune.peft.targets import find_targets
-
-    paths: list[str] = []
-    for n in [names] if isinstance(names, str) else names:
-        paths += [p for p in find_targets(model, [n], linear_only=False) if p not in paths]
-    # keep the outermost match only (a suffix can match a module and its children's names never end alike anyway)
-    return paths
-
-
-def add_modules_to_save(model: nn.Module, names: list[str] | str | None, adapter: str) -> None:
-    """Wrap each module of `modules_to_save` (once) and give it a trainable copy for `adapter`."""
-    from slimtune.peft.targets import replace_module
-
-    for p in modules_to_save_paths(model, names):
-        m = model.get_submodule(p)
-        if not isinstance(m, ModulesToSave):
-            m = ModulesToSave(m)
-            replace_module(model, p, m)
-        m.add(adapter)
-        m.set_active([adapter])
-
-
-def modules_to_save_state_dict(model: nn.Module, adapter: str) -> dict[str, Tensor]:
-    """File key -> live tensor of every `modules_to_save` copy of `adapter`."""
-    out: dict[str, Tensor] = {}
-    for path, m in model.named_modules():
-        if isinstance(m, ModulesToSave) and adapter in m.modules_to_save:
-            out.update({file_key(path, k): t.detach() for k, t in m.modules_to_save[adapter].state_dict().items()})
-    return out
-
-
-def modules_to_save_shapes(model: nn.Module, names: list[str] | str | None) -> dict[str, tuple[int, ...]]:
-    """File key -> shape of what `add_modules_to_save` would save, without touching the model."""
-    out: dict[str, tuple[int, ...]] = {}
-    for p in modules_to_save_paths(model, names):
-        m = model.get_submodule(p)
-        m = m.base_layer if isinstance(m, ModulesToSave) else m
-        out.update({file_key(p, k): tuple(t.shape) for k, t in m.state_dict().items()})
-    return out
-
-
-def layer_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
-    """Every parameter that an AdapterLayer holds under adapter `name` (the default `MethodSpec.parameters`)."""
-    out: list[nn.Parameter] = []
-    for m in model.modules():
-        if isinstance(m, AdapterLayer):
-            for a in m.adapter_attrs:
-                d = getattr(m, a)
-                if name in d:
-                    v = d[name]
-                    out += [v] if isinstance(v, nn.Parameter) else list(v.parameters())
-    return out
-
-
-def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
-    """(path, layer) for every AdapterLayer in the model."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
-
-
 def file_key(path: str, suffix: str) -> str:
     """PEFT's file key of a tensor: 'base_model.model.' + module path + '.' + suffix."""
     return f"{FILE_PREFIX}{path}.{suffix}" if path else f"{FILE_PREFIX}{suffix}"
-
-
-# ---- the adapters a model carries -----------------------------------------------------------------------------------
-def model_adapters(model: nn.Module) -> dict[str, MethodConfig]:
-    """name -> config of every adapter applied to `model` (kept as a plain attribute, `slimtune_adapters`)."""
-    d = model.__dict__.get("slimtune_adapters")
-    if d is None:
-        d = {}
-        model.__dict__["slimtune_adapters"] = d
-    return d
-
-
-def active_adapters(model: nn.Module) -> list[str]:
-    """The names of the adapters in use (what forward applies and `freeze_base` leaves trainable)."""
-    return list(model.__dict__.get("slimtune_active", []))
-
-
-def set_active_adapters(model: nn.Module, names: list[str]) -> None:
-    """Record the active adapters and tell every AdapterLayer (a layer without one of them uses none)."""
-    model.__dict__["slimtune_active"] = list(names)
-    for _, layer in adapter_layers(model):
-        layer.set_active(list(names))

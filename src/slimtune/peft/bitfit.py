@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
-from slimtune.peft.base import AdapterLayer, MethodConfig, MethodSpec, file_key, register
+from slimtune.peft.base import MethodConfig, MethodSpec, file_key, option, register
+from slimtune.peft.layer import AdapterLayer
 from slimtune.peft.targets import find_targets
 
 
@@ -25,9 +26,9 @@ class BitFitConfig(MethodConfig):
 
     method = "bitfit"
     peft_type = "BITFIT"
-    add_bias: bool = False
-    target_modules: list[str] | str = "all-linear"
-    layers_to_transform: list[int] | int | None = None
+    add_bias: bool = option(False, cli="add-bias", help="BitFit: add zero biases where none exist")
+    target_modules: list[str] | str = option("all-linear", flat="targets")
+    layers_to_transform: list[int] | int | None = option(None, cli="layers")
 
 
 def _unwrap(m: nn.Module) -> nn.Module:

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.errors import CheckpointError, ConfigError
-from slimtune.peft.base import (MethodConfig, active_adapters, get_method, method_for_peft_type, model_adapters,
-                                set_active_adapters)
+from slimtune.peft.base import MethodConfig, get_method, method_for_peft_type
+from slimtune.peft.layer import active_adapters, model_adapters, set_active_adapters
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -117,7 +117,7 @@ def read_adapter_config(path: str | Path) -> tuple[str, MethodConfig, dict[str, 
 
 
 def _file_shapes(f: Path) -> dict[str, tuple[int, ...]]:
-    from slimtune.checkpoint import read_safetensors_header
+    from slimtune.io.safetensors import read_safetensors_header
 
     header, _ = read_safetensors_header(f)
     out = {}
@@ -177,7 +177,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     try:
         _copy_in(model, spec, sd, adapter_name, wfile)
     except CheckpointError:
-        from slimtune.peft import delete_adapter  # undo: a method without `shapes` is checked only now
+        from slimtune.peft.api import delete_adapter  # undo: a method without `shapes` is checked only now
 
         delete_adapter(model, adapter_name)
         set_active_adapters(model, prev_active)

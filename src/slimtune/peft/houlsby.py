@@ -7,14 +7,15 @@ is how the LoRA paper counts adapters (Hu et al. 2021, Table 4: GPT-3 r = 1 -> 7
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
-from slimtune.peft.base import AdapterLayer, MethodConfig, MethodSpec, check_rank, file_key, register
+from slimtune.peft.base import MethodConfig, MethodSpec, check_rank, file_key, option, register
+from slimtune.peft.layer import AdapterLayer
 from slimtune.peft.targets import find_targets, replace_module
 
 ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -27,9 +28,9 @@ class HoulsbyConfig(MethodConfig):
 
     method = "houlsby"
     peft_type = "HOULSBY"
-    r: int = 8
-    target_modules: list[str] | str = field(default_factory=lambda: ["o_proj", "down_proj"])
-    layers_to_transform: list[int] | int | None = None
+    r: int = option(8, flat="rank", help="Houlsby bottleneck width")
+    target_modules: list[str] | str = option(default_factory=lambda: ["o_proj", "down_proj"], flat="targets")
+    layers_to_transform: list[int] | int | None = option(None, cli="layers")
     non_linearity: str = "relu"
 
     def validate(self) -> None:

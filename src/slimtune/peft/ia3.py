@@ -6,13 +6,14 @@ File keys and shapes follow PEFT: `<path>.ia3_l` of shape (out, 1), or (1, in) f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
-from slimtune.peft.base import AdapterLayer, MethodConfig, MethodSpec, file_key, register
+from slimtune.peft.base import MethodConfig, MethodSpec, file_key, option, register
+from slimtune.peft.layer import AdapterLayer
 from slimtune.peft.targets import find_targets, matches, replace_module
 
 
@@ -23,9 +24,10 @@ class IA3Config(MethodConfig):
 
     method = "ia3"
     peft_type = "IA3"
-    target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
-    feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"])
-    layers_to_transform: list[int] | int | None = None
+    target_modules: list[str] | str = option(default_factory=lambda: ["k_proj", "v_proj", "down_proj"], flat="targets")
+    feedforward_modules: list[str] | str = option(default_factory=lambda: ["down_proj"], cli="feedforward",
+                                                  help="IA3: the targets whose input is scaled")
+    layers_to_transform: list[int] | int | None = option(None, cli="layers")
     init_ia3_weights: bool = True
 
     def to_peft_json(self) -> dict:

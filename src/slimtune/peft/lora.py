@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
-from slimtune.peft.base import (AdapterLayer, MethodConfig, MethodSpec, add_modules_to_save, check_rank, file_key,
-                                modules_to_save_shapes, modules_to_save_state_dict, register)
+from slimtune.peft.base import MethodConfig, MethodSpec, check_rank, file_key, option, register
+from slimtune.peft.layer import AdapterLayer
+from slimtune.peft.save_modules import add_modules_to_save, modules_to_save_shapes, modules_to_save_state_dict
 from slimtune.peft.targets import find_targets, replace_module
 
 
@@ -30,18 +31,20 @@ class LoraConfig(MethodConfig):
 
     method = "lora"
     peft_type = "LORA"
-    r: int = 8
-    lora_alpha: float = 8
-    target_modules: list[str] | str | None = field(default_factory=lambda: ["q_proj", "v_proj"])
-    lora_dropout: float = 0.0
+    r: int = option(8, flat="rank", help="LoRA / DoRA rank r")
+    lora_alpha: float = option(8, flat="alpha", help="LoRA scaling numerator: the update is scaled by alpha / r")
+    target_modules: list[str] | str | None = option(
+        default_factory=lambda: ["q_proj", "v_proj"], flat="targets",
+        help="modules to adapt: comma-separated names / suffixes, a regex, or all-linear")
+    lora_dropout: float = option(0.0, flat="dropout", help="dropout on the adapter input")
     bias: str = "none"  # only "none": trainable biases are BitFit's job
-    use_rslora: bool = False
-    use_dora: bool = False
+    use_rslora: bool = option(False, flat="use_rslora", help="scale alpha / sqrt(r) (Kalajdzievski 2023)")
+    use_dora: bool = option(False, flat="use_dora", help="DoRA: learn a magnitude per output row")
     fan_in_fan_out: bool = False
     init_lora_weights: bool | str = True  # True: A Kaiming-uniform, B zero; "gaussian": A ~ N(0, 1/r); False: both random
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name regex -> r
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # module-name regex -> lora_alpha
-    layers_to_transform: list[int] | int | None = None
+    layers_to_transform: list[int] | int | None = option(None, cli="layers", help="only these block indices")
     layers_pattern: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
@@ -85,9 +88,6 @@ class LoraConfig(MethodConfig):
         a = next((v for k, v in self.alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", path)), self.lora_alpha)
         return r, a
 
-    def scale(self, r: int, alpha: float) -> float:
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
     def targets(self, model: nn.Module) -> list[str]:
         return find_targets(model, self.target_modules, self.layers_to_transform, self.layers_pattern,
                             self.exclude_modules, strict=not getattr(self, "_from_file", False))
@@ -99,6 +99,18 @@ class DoraConfig(LoraConfig):
 
     method = "dora"
     use_dora: bool = True
+
+
+def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023: keeps the update's scale stable in r)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def dora_weight(W: Tensor, delta: Tensor, m: Tensor) -> Tensor:
+    """The DoRA-adapted weight (m / ||W + delta||_row) (W + delta), (out, in), in the dtype of its inputs
+    (Liu et al. 2024, eq. 5; the row norm is over the input dimension)."""
+    V = W + delta
+    return (m / torch.linalg.vector_norm(V, dim=1))[:, None] * V
 
 
 def base_weight(layer: nn.Module, dtype: torch.dtype) -> Tensor:
@@ -158,7 +170,7 @@ class LoraLinear(AdapterLayer):
             nn.init.zeros_(B.weight)
         self.lora_A[name], self.lora_B[name] = A, B
         self.lora_dropout[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
-        self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
+        self.scaling[name] = lora_scale(alpha, r, rslora)
         if dora:
             # m starts at ||W0 + s B A||_row, so that the adapted layer starts equal to the (adapted) base
             if dev.type == "meta":
@@ -239,13 +251,11 @@ class LoraLinear(AdapterLayer):
         for n in names if names is not None else self.active:
             if n in self.merged or n not in self.lora_A:
                 continue
-            base = self._dense_base()
-            W = base.weight
+            W = self._dense_base().weight
             delta = self.delta_weight(n)
             if n in self.lora_magnitude_vector:
-                norm = self._row_norm(n, delta.dtype)
-                self._dora_norm[n] = norm
-                new = (self.lora_magnitude_vector[n] / norm)[:, None] * (W.to(delta.dtype) + delta)
+                self._dora_norm[n] = self._row_norm(n, delta.dtype)  # to undo the merge exactly
+                new = dora_weight(W.to(delta.dtype), delta, self.lora_magnitude_vector[n])
             else:
                 new = W.to(delta.dtype) + delta
             W.copy_(new.to(W.dtype))

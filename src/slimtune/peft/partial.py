@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
-from slimtune.peft.base import FILE_PREFIX, MethodConfig, MethodSpec, register
+from slimtune.peft.base import FILE_PREFIX, MethodConfig, MethodSpec, option, register
 from slimtune.peft.targets import find_targets, layer_index
 
 _KEY = "slimtune_partial"  # model.__dict__[_KEY][adapter name] = the chosen parameter names
@@ -26,9 +26,9 @@ class PartialConfig(MethodConfig):
 
     method = "partial"
     peft_type = "PARTIAL"
-    trainable_modules: list[str] | str | None = None
-    last_k: int | None = None
-    skip_first: int | None = None
+    trainable_modules: list[str] | str | None = option(None, cli="modules", help="modules to train (e.g. lm_head,norm)")
+    last_k: int | None = option(None, cli="last-k", help="train the last k blocks")
+    skip_first: int | None = option(None, cli="skip-first", help="train everything but the first N blocks")
 
     def validate(self) -> None:
         if not self.trainable_modules and self.last_k is None and self.skip_first is None:
@@ -53,7 +53,7 @@ def _public(name: str) -> str:
 
 def _base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The model's own named parameters (those of adapters and prompt encoders excluded), tied ones once."""
-    from slimtune.peft.base import adapter_layers
+    from slimtune.peft.layer import adapter_layers
 
     skip = {id(p) for _, m in adapter_layers(model) for a in m.adapter_attrs for p in getattr(m, a).parameters()}
     enc = getattr(model, "prompt_encoder", None)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
-from slimtune.peft.base import MethodConfig, MethodSpec, check_rank, register
+from slimtune.peft.base import MethodConfig, MethodSpec, check_rank, option, register
 from slimtune.peft.prompt import get_encoder, parameters, prompt_modules
 
 
@@ -29,9 +29,10 @@ class PrefixTuningConfig(MethodConfig):
 
     method = "prefix"
     peft_type = "PREFIX_TUNING"
-    num_virtual_tokens: int = 20
-    prefix_projection: bool = False
-    encoder_hidden_size: int | None = None
+    num_virtual_tokens: int = option(20, flat="num_virtual_tokens", cli="virtual-tokens",
+                                     help="number of virtual tokens")
+    prefix_projection: bool = option(False, cli="projection", help="prefix: MLP reparameterisation")
+    encoder_hidden_size: int | None = option(None, cli="encoder-hidden", help="prompt encoder width")
     init_weights: str | None = None
     token_dim: int | None = None
     num_layers: int | None = None
@@ -102,7 +103,7 @@ class LayerPrefix(nn.Module):
 
 
 def _attentions(model: nn.Module) -> list[nn.Module]:
-    from slimtune.models.decoder import Attention
+    from slimtune.models.attention import Attention
 
     atts = sorted((m for m in model.modules() if isinstance(m, Attention)), key=lambda m: m.layer_idx)
     if not atts:

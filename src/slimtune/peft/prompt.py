@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
-from slimtune.peft.base import MethodConfig, MethodSpec, check_rank, register
+from slimtune.peft.base import MethodConfig, MethodSpec, check_rank, option, register
+from slimtune.train.loss import mean_lm_loss
 
 INITS = ("SAMPLE_VOCAB", "TEXT", "RANDOM")
 
@@ -31,7 +31,8 @@ class PromptTuningConfig(MethodConfig):
 
     method = "prompt"
     peft_type = "PROMPT_TUNING"
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = option(20, flat="num_virtual_tokens", cli="virtual-tokens",
+                                     help="number of virtual tokens")
     prompt_tuning_init: str = "SAMPLE_VOCAB"
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
@@ -160,13 +161,8 @@ def forward_with_prompts(model: nn.Module, input_ids: Tensor, attention_mask: Te
         logits = full[:, n:]
         full_labels = None if labels is None else torch.cat([labels.new_full((B, n), -100), labels], 1)
         if labels is not None:  # the first real label is predicted by the last virtual position
-            return PromptOutput(logits, _next_token_loss(full, full_labels))
-    return PromptOutput(logits, None if full_labels is None else _next_token_loss(logits, full_labels))
-
-
-def _next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """mean CE(logits[:, t], labels[:, t + 1]) over labels != -100, in fp32."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            return PromptOutput(logits, mean_lm_loss(full, full_labels))
+    return PromptOutput(logits, None if full_labels is None else mean_lm_loss(logits, full_labels))
 
 
 # ---- initialisation -------------------------------------------------------------------------------------------------
@@ -190,7 +186,7 @@ def _init(module: PromptEmbedding, model: nn.Module, cfg: PromptTuningConfig, to
         return
     if kind == "TEXT":
         if tokenizer is None:
-            from slimtune.checkpoint import load_tokenizer
+            from slimtune.models.tokenizer import load_tokenizer
 
             if not cfg.tokenizer_name_or_path:
                 raise ConfigError("prompt_tuning_init TEXT needs tokenizer_name_or_path (a model folder or builtin)")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
-from slimtune.peft.base import MethodConfig, MethodSpec, check_rank, register
+from slimtune.peft.base import MethodConfig, MethodSpec, check_rank, option, register
 from slimtune.peft.prompt import PromptEmbedding, fill_dims, get_encoder, parameters, prompt_modules, word_embeddings
 
 ENCODERS = ("MLP", "LSTM")
@@ -25,9 +25,10 @@ class PTuningConfig(MethodConfig):
 
     method = "ptuning"
     peft_type = "P_TUNING"
-    num_virtual_tokens: int = 20
-    encoder_reparameterization_type: str = "MLP"
-    encoder_hidden_size: int | None = None
+    num_virtual_tokens: int = option(20, flat="num_virtual_tokens", cli="virtual-tokens",
+                                     help="number of virtual tokens")
+    encoder_reparameterization_type: str = option("MLP", cli="encoder", help="ptuning: MLP or LSTM")
+    encoder_hidden_size: int | None = option(None, cli="encoder-hidden", help="prompt encoder width")
     encoder_num_layers: int = 2
     encoder_dropout: float = 0.0
     token_dim: int | None = None
@@ -35,6 +36,9 @@ class PTuningConfig(MethodConfig):
     num_attention_heads: int | None = None
     num_transformer_submodules: int = 1
     task_type: str = "CAUSAL_LM"
+
+    def __post_init__(self) -> None:
+        self.encoder_reparameterization_type = str(self.encoder_reparameterization_type).upper()  # PEFT's spelling
 
     def validate(self) -> None:
         check_rank(self.num_virtual_tokens, "num_virtual_tokens")

@@ -16,7 +16,8 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
-from slimtune.peft.base import FILE_PREFIX, MethodConfig, MethodSpec, check_rank, layer_parameters, register
+from slimtune.peft.base import FILE_PREFIX, MethodConfig, MethodSpec, check_rank, option, register
+from slimtune.peft.layer import layer_parameters
 
 _KEY = "slimtune_qat"  # model.__dict__[_KEY][adapter name] = the wrapped layer paths
 
@@ -33,8 +34,8 @@ class QatConfig(MethodConfig):
     group_size: int | None = None
     act_bits: int | None = None
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
-    r: int | None = None
-    lora_alpha: float | None = None
+    r: int | None = option(None, flat="rank")
+    lora_alpha: float | None = option(None, flat="alpha")
 
     def validate(self) -> None:
         from slimtune.quant.fake import QATConfig
@@ -141,7 +142,7 @@ def _shapes(model: nn.Module, cfg: QatConfig | BitnetConfig) -> dict[str, tuple[
 def convert(model: nn.Module) -> list[str]:
     """Replace the trained layers by real QuantLinear layers, in place (qat: the format trained for; bitnet: packed
     ternary); a LoRA adapter on top is merged into the latent weights first. Returns the converted paths."""
-    from slimtune.peft import merge_and_unload
+    from slimtune.peft.api import merge_and_unload
     from slimtune.quant.bitnet import export_bitnet
     from slimtune.quant.fake import convert_qat
 
@@ -155,7 +156,8 @@ def export_quantized(model: nn.Module, out: str | Path, tokenizer=None, tokenize
     """`convert` the model and write it as a slimtune-quantized checkpoint (`load_model` / `slimtune generate` read
     it). Returns the folder."""
     from slimtune.quant.linear import QuantLinear
-    from slimtune.quant.ptq import quant_config, save_quantized
+    from slimtune.models.save import save_quantized
+    from slimtune.quant.ptq import quant_config
 
     convert(model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}

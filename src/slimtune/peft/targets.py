@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from slimtune.errors import ConfigError
-from slimtune.peft.base import AdapterLayer
+from slimtune.peft.layer import AdapterLayer
 
 ALL_LINEAR = "all-linear"
 OUTPUT_HEADS = ("lm_head", "embed_out", "output", "score")  # never part of 'all-linear'
@@ -142,11 +142,6 @@ def _output_heads(model: nn.Module) -> set[str]:
     except Exception:  # some models raise NotImplementedError
         return set()
     return {n for n, m in model.named_modules() if head is not None and m is head}
-
-
-def get_submodule(model: nn.Module, path: str) -> nn.Module:
-    """The module at `path` (through adapter wrappers, which keep the original path)."""
-    return model.get_submodule(path)
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:

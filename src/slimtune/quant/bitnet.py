@@ -1,15 +1,9 @@
-"""BitNet b1.58 linear layers: ternary weights {-1, 0, +1} times one absmean scale, 8-bit absmax activations.
-
-Quantizers from Ma et al. 2024 ("The Era of 1-bit LLMs", and its training-tips FAQ): weight scale
-gamma = mean|W| (clamped to 1e-5), W_t = clamp(round(W / gamma), -1, 1), W ~ gamma * W_t; activations per token,
-s = 127 / max|x|, x ~ clamp(round(x * s), -128, 127) / s. Training keeps latent fp weights and passes gradients
-straight through both roundings (STE: y = x + (q(x) - x).detach()). Export packs 4 ternary values per byte as codes
-t + 1 in {0, 1, 2}, element 4j in the two highest bits.
+"""BitNet b1.58 training: linear layers that see only ternary weights and 8-bit activations (the quantizers of
+`slimtune.quant.codecs.ternary`), keeping latent fp weights and passing gradients straight through both roundings
+(STE: y = x + (q(x) - x).detach()); export turns them into packed "ternary" `QuantLinear`s.
 
 API: `BitLinear(in_features, out_features, bias=False)`, `BitLinear.from_linear(linear)`, `BitLinear.to_quant_linear()
--> QuantLinear` (fmt "ternary"), `prepare_bitnet(model, skip=("lm_head",)) -> list[str]`, `export_bitnet(model) ->
-list[str]`, `ternary_quant(w) -> (t int8, gamma)`, `act_quant_int8(x) -> Tensor`, `pack_ternary(t)`,
-`unpack_ternary(p)`.
+-> QuantLinear`, `prepare_bitnet(model, skip=("lm_head",)) -> list[str]`, `export_bitnet(model) -> list[str]`.
 """
 from __future__ import annotations
 
@@ -20,32 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
-
-
-def ternary_quant(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Absmean ternary quantization: t int8 in {-1, 0, 1} (same shape) and gamma fp32 (1,) with W ~ gamma * t."""
-    gamma = w.detach().float().abs().mean().clamp(min=1e-5).reshape(1)
-    t = torch.round(w.detach().float() / gamma).clamp_(-1, 1).to(torch.int8)
-    return t, gamma
-
-
-def act_quant_int8(x: Tensor) -> Tensor:
-    """Per-token (last dim) absmax 8-bit fake quantization of activations, returned in x's dtype (no gradient)."""
-    xf = x.detach().float()
-    s = 127.0 / xf.abs().amax(-1, keepdim=True).clamp(min=1e-5)
-    return (torch.round(xf * s).clamp_(-128, 127) / s).to(x.dtype)
-
-
-def pack_ternary(t: Tensor) -> Tensor:
-    """int8 {-1, 0, 1} with last dim divisible by 4 -> uint8 with a quarter of it (code t + 1, element 4j highest)."""
-    c = (t + 1).to(torch.uint8)
-    return (c[..., 0::4] << 6) | (c[..., 1::4] << 4) | (c[..., 2::4] << 2) | c[..., 3::4]
-
-
-def unpack_ternary(p: Tensor) -> Tensor:
-    """Inverse of `pack_ternary`: int8 {-1, 0, 1}, last dim times 4."""
-    c = torch.stack([p >> 6, (p >> 4) & 3, (p >> 2) & 3, p & 3], -1).flatten(-2)
-    return c.to(torch.int8) - 1
+from slimtune.quant.codecs.ternary import act_quant_int8, ternary_quant
+from slimtune.quant.linear import QuantLinear, convert_layers, linear_names
 
 
 class BitLinear(nn.Module):
@@ -79,8 +49,6 @@ class BitLinear(nn.Module):
 
     def to_quant_linear(self):
         """The exported layer: a `QuantLinear` of format "ternary" (2-bit packed weight + gamma), same outputs."""
-        from slimtune.quant.linear import QuantLinear
-
         return QuantLinear.from_linear(self, "ternary")
 
     def extra_repr(self) -> str:
@@ -94,8 +62,6 @@ def prepare_bitnet(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> li
     Raises:
         ConfigError: no linear layer left to replace.
     """
-    from slimtune.quant.linear import linear_names
-
     names = linear_names(model, skip)
     if not names:
         raise ConfigError("bitnet: the model has no linear layers outside the skipped ones " + ", ".join(skip))
@@ -106,6 +72,4 @@ def prepare_bitnet(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> li
 
 def export_bitnet(model: nn.Module) -> list[str]:
     """Replace every BitLinear of `model` by its packed `QuantLinear` ("ternary"), in place. Returns the names."""
-    from slimtune.quant.linear import convert_layers
-
     return convert_layers(model, BitLinear)

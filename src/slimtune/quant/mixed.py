@@ -119,9 +119,9 @@ def allocate_bits(sizes: dict[str, int], sens: dict[str, dict[int, float]], budg
 
 
 def overhead_bits(fmt: str, in_features: int, group_size: int | None) -> float:
-    """Bits per weight spent on scales and zero points (not codes) by a QuantLinear of `fmt`."""
-    if fmt in ("int8", "w8a8", "fp8"):
-        return 32.0 / in_features  # one fp32 scale per output row
-    if fmt in ("int2", "int3", "int4"):
-        return 40.0 / group_size  # fp32 scale + uint8 zero per group
-    return 0.0
+    """Bits per weight spent on scales and zero points (not codes) by a QuantLinear of `fmt`: one row's bytes from
+    the codec, less its codes (int8 / fp8: 32 / in for the row's fp32 scale; int2-4: 40 / G per group)."""
+    from slimtune.quant.codecs import get_codec
+
+    codec = get_codec(fmt)
+    return codec.nbytes(1, in_features, group_size) * 8 / in_features - codec.code_bits

@@ -3,11 +3,11 @@ measure size, weight error and perplexity before / after, and write a Hugging Fa
 
 The folder's config.json carries `quantization_config = {"quant_method": "slimtune", "format", "group_size",
 "double_quant", "skip", "layers": {name: format}}`; model.safetensors holds each QuantLinear's buffers (4-bit layers
-in bitsandbytes' key layout), the other tensors as they were; the tokenizer files are copied. `load_quantized` reads it.
+in bitsandbytes' key layout), the other tensors as they were; the tokenizer files are copied (`slimtune.models.save.
+save_quantized`); `slimtune.models.load.load_quantized` reads it.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtune.errors import CheckpointError, ConfigError
+from slimtune.errors import ConfigError
+from slimtune.quant.codecs import GROUPED
 
 PTQ_FORMATS = ("int8", "int4", "nf4", "fp4", "fp8", "w8a8")
-GROUPED = ("nf4", "fp4", "int4", "int3", "int2")  # formats with a block / group size
 
 
 def _state_bytes(model: nn.Module) -> int:
@@ -84,19 +84,11 @@ def eval_data(path: str | Path | None, tokenizer, limit: int, max_length: int):
     return calib, val
 
 
-@torch.no_grad()
 def mean_loss(model: nn.Module, dataset, batch_size: int = 8, max_rows: int | None = None) -> float:
     """Mean next-token loss (nats) over the dataset's rows (the first `max_rows` when given)."""
-    from slimtune.data import causal_lm_loss, model_inputs
+    from slimtune.train.evaluate import evaluate
 
-    dev = next(model.parameters()).device
-    s, n = 0.0, 0
-    rows = len(dataset) if max_rows is None else min(max_rows, len(dataset))
-    for i in range(0, rows, batch_size):
-        b = {k: v.to(dev) for k, v in dataset.collate(range(i, min(i + batch_size, rows))).items()}
-        ls, c = causal_lm_loss(model(**model_inputs(b)), b["labels"])
-        s, n = s + ls.item(), n + int(c)
-    return s / max(n, 1)
+    return evaluate(model, dataset, batch_size, max_rows=max_rows)["val_loss"]
 
 
 # ---- quantizing -----------------------------------------------------------------------------------------------------
@@ -110,12 +102,12 @@ def quantize_layers(model: nn.Module, plan: dict[str, str], group_size: int | No
     Raises:
         ConfigError: a group size that does not divide a layer's width. PrecisionError: NaN / inf weights.
     """
-    from slimtune.quant.blockwise import FORMATS_4BIT
-    from slimtune.quant.guard import outlier_message, scan_weight
-    from slimtune.quant.linear import INT_BITS, QuantLinear
+    from slimtune.precision.guard import outlier_message, scan_weight
+    from slimtune.quant.codecs import get_codec
+    from slimtune.quant.codecs.fourbit import FORMATS_4BIT
+    from slimtune.quant.linear import QuantLinear
     from slimtune.quant.mixed import overhead_bits
 
-    code_bits = {"int8": 8, "w8a8": 8, "fp8": 8, "nf4": 4, "fp4": 4, **INT_BITS}
     rep: dict[str, Any] = {"errors": {}, "sq_err": 0.0, "sq_norm": 0.0, "outliers": [], "code_bits": 0,
                            "overhead_bits": 0.0, "params": 0}
     for n, fmt in plan.items():
@@ -133,101 +125,14 @@ def quantize_layers(model: nn.Module, plan: dict[str, str], group_size: int | No
         rep["errors"][n] = math.sqrt(e2 / max(n2, 1e-30))
         rep["sq_err"] += e2
         rep["sq_norm"] += n2
-        rep["code_bits"] += w.numel() * code_bits[fmt]
-        scale_bits = (q.nbytes() * 8 - w.numel() * code_bits[fmt]) if fmt in FORMATS_4BIT else \
+        rep["code_bits"] += w.numel() * get_codec(fmt).code_bits
+        scale_bits = (q.nbytes() * 8 - w.numel() * get_codec(fmt).code_bits) if fmt in FORMATS_4BIT else \
             overhead_bits(fmt, w.shape[1], q.group_size) * w.numel()
         rep["overhead_bits"] += scale_bits
         rep["params"] += w.numel()
         model.set_submodule(n, q)
         del lin, w, wf, q
     return rep
-
-
-# ---- saving and loading ---------------------------------------------------------------------------------------------
-def save_quantized(model: nn.Module, out: str | Path, qcfg: dict[str, Any], tokenizer=None,
-                   tokenizer_dir: str | Path | None = None) -> Path:
-    """Write a quantized `Decoder` as a folder (config.json with `quantization_config`, safetensors, tokenizer),
-    atomically."""
-    from slimtune.checkpoint import copy_tokenizer_files, save_state_dict, write_folder_atomically
-
-    cfg = model.config
-    sd = {k: t.detach().to("cpu").contiguous() for k, t in model.state_dict().items()
-          if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    dtype = model.model.embed_tokens.weight.dtype
-    hf = cfg.replace(dtype=str(dtype)[6:]).to_hf()
-    hf["quantization_config"] = qcfg
-
-    def fill(tmp: Path) -> None:
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        save_state_dict(sd, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        elif tokenizer_dir is not None:
-            copy_tokenizer_files(Path(tokenizer_dir), tmp)
-
-    return write_folder_atomically(Path(out), fill)
-
-
-def load_quantized(folder: Path, cfg, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                   force: bool = False):
-    """Load a slimtune-quantized folder: empty QuantLinears on the meta device, then each tensor assigned as read.
-
-    Returns:
-        (model in eval mode, config).
-    Raises:
-        CheckpointError: a malformed quantization_config, a layer it names that the model lacks, a missing tensor
-            (a quantized layer without its scales included), an unexpected tensor.
-        PrecisionError: a non-quantized tensor the requested dtype cannot hold (unless force).
-    """
-    from slimtune.checkpoint import check_cast, iter_tensors
-    from slimtune.models.decoder import Decoder
-    from slimtune.quant.blockwise import FORMATS_4BIT
-    from slimtune.quant.linear import QuantLinear
-
-    qc = cfg.hf["quantization_config"]
-    layers, where = qc.get("layers"), folder / "config.json"
-    if not isinstance(layers, dict) or not layers:
-        raise CheckpointError(f"{where}: quantization_config has no 'layers' map; re-quantize with slimtune quantize")
-    target = dtype or cfg.torch_dtype
-    cfg.dtype = str(target)[6:]
-    with torch.device("meta"):
-        model = Decoder(cfg)
-    for n, fmt in layers.items():
-        try:
-            lin = model.get_submodule(n)
-        except AttributeError:
-            raise CheckpointError(f"{where}: quantization_config names layer {n}, which this model lacks") from None
-        g = qc.get("group_size") if fmt in GROUPED else None
-        dq = bool(qc.get("double_quant")) and fmt in FORMATS_4BIT
-        try:
-            q = QuantLinear(lin.in_features, lin.out_features, fmt, lin.bias is not None, g, dq, target, "meta", n)
-        except ConfigError as e:
-            raise CheckpointError(f"{where}: {e}") from None
-        model.set_submodule(n, q)
-    quantized = tuple(f"{n}." for n in layers)
-    sd = {}
-    for name, t in iter_tensors(folder):
-        if t.is_floating_point() and not name.startswith(quantized) and t.dtype != target:
-            if not force:
-                check_cast(name, t, target)
-            t = t.to(target)
-        sd[name] = t.to(device)
-    res = model.load_state_dict(sd, assign=True, strict=False)
-    missing = [k for k in res.missing_keys if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    if missing:
-        raise CheckpointError(f"{folder}: tensor {missing[0]} is missing ({len(missing)} in all); the checkpoint is "
-                              "incomplete; re-quantize the model or re-download it")
-    extra = [k for k in res.unexpected_keys if not k.endswith("nested_quant_map")]
-    if extra:
-        raise CheckpointError(f"{folder}: tensor {extra[0]} has no place in this model (is config.json from "
-                              "another checkpoint?)")
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    for n in layers:
-        q = model.get_submodule(n)
-        if q.fmt not in FORMATS_4BIT:
-            q.compute_dtype = target
-    return model.eval(), cfg
 
 
 # ---- the whole job --------------------------------------------------------------------------------------------------
@@ -249,8 +154,11 @@ def quantize_checkpoint(model_path: str | Path, out: str | Path, fmt: str | None
         ConfigError: an unknown format, both or neither of fmt and bits, a group size that does not divide a width.
         CheckpointError, DataError, PrecisionError: from loading the model and the data.
     """
-    from slimtune.checkpoint import load_model, load_tokenizer, resolve
+    from slimtune.io.hub import resolve
+    from slimtune.models.load import load_model
+    from slimtune.models.save import save_quantized
     from slimtune.models.tiny import BUILTIN_NAMES
+    from slimtune.models.tokenizer import load_tokenizer
     from slimtune.quant.linear import QuantLinear, linear_names
     from slimtune.quant.mixed import allocate_bits, layer_format, measure_sensitivity
 

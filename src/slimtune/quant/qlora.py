@@ -87,8 +87,9 @@ def merge_into_dequantized(model: nn.Module, dtype: torch.dtype) -> int:
     Raises:
         ConfigError: the model carries adapters of a method other than LoRA / DoRA.
     """
-    from slimtune.peft import AdapterLayer, active_adapters, model_adapters, replace_module
-    from slimtune.peft.lora import LoraLinear, base_weight
+    from slimtune.peft.layer import AdapterLayer, active_adapters, model_adapters
+    from slimtune.peft.lora import LoraLinear, base_weight, dora_weight
+    from slimtune.peft.targets import replace_module
 
     active = active_adapters(model)
     n = 0
@@ -102,8 +103,7 @@ def merge_into_dequantized(model: nn.Module, dtype: torch.dtype) -> int:
                 continue
             delta = m.delta_weight(a).float()  # s B A, (out, in)
             if a in m.lora_magnitude_vector:
-                norm = torch.linalg.vector_norm(W + delta, dim=1)  # (out,)
-                W = (m.lora_magnitude_vector[a].float() / norm)[:, None] * (W + delta)
+                W = dora_weight(W, delta, m.lora_magnitude_vector[a].float())
             else:
                 W = W + delta
         bias = getattr(m.base_layer, "bias", None)
@@ -144,8 +144,12 @@ def merge_qlora(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | P
         ConfigError: an unknown format, a non-LoRA adapter.
         PrecisionError: a weight the saved dtype cannot hold.
     """
-    from slimtune.checkpoint import load_model, load_tokenizer, parse_dtype, save_model
-    from slimtune.peft import load_adapter, merge_and_unload
+    from slimtune.models.load import load_model
+    from slimtune.models.save import save_model
+    from slimtune.models.tokenizer import load_tokenizer
+    from slimtune.peft.api import merge_and_unload
+    from slimtune.peft.files import load_adapter
+    from slimtune.precision.formats import parse_dtype
 
     quant = quant or detect_quant(adapter_dir) or "nf4"
     out_dtype = parse_dtype(dtype) or torch.bfloat16

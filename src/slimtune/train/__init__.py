@@ -1,11 +1,26 @@
-"""Training: the flat `TrainConfig`, precision policies, the one loop for every method, and exactly resumable
-checkpoints. `train(load_config("configs/lora.yaml", ["lr=1e-4"]))` runs a whole fine-tuning."""
-from slimtune.train.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from slimtune.train.config import TrainConfig, load_config, save_config
-from slimtune.train.loop import (TrainingError, build_data, build_model, build_optimizer, evaluate, lr_at,
-                                 train, train_step)
-from slimtune.train.precision import AdamWFp32State, Precision, apply_precision, resolve_precision
+"""Training: the flat `TrainConfig` (`config`), building a run (`build`), one step (`step`), the loss (`loss`),
+evaluation (`evaluate`), metrics (`metrics`), activation offload (`offload`), exactly resumable checkpoints
+(`checkpoint`) and the one loop for every method (`loop`). `train(load_config("configs/lora.yaml", ["lr=1e-4"]))`
+runs a whole fine-tuning.
 
-__all__ = ["find_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint", "TrainConfig",
-           "load_config", "save_config", "TrainingError", "build_data", "build_model", "build_optimizer", "evaluate",
-           "lr_at", "train", "train_step", "AdamWFp32State", "Precision", "apply_precision", "resolve_precision"]
+The names below are loaded on first use, so that importing one submodule (e.g. `slimtune.train.loss` from a method)
+does not import the whole loop.
+"""
+import importlib
+
+_EXPORTS = {
+    "TrainConfig": "config", "load_config": "config", "save_config": "config",
+    "train": "loop", "Run": "loop", "save_result": "loop",
+    "TrainingError": "step", "train_step": "step", "forward_loss": "step",
+    "build_data": "build", "build_model": "build", "build_optimizer": "build", "method_config": "build",
+    "evaluate": "evaluate",
+    "find_checkpoint": "checkpoint", "list_checkpoints": "checkpoint", "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"slimtune.train.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'slimtune.train' has no attribute {name!r}")

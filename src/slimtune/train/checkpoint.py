@@ -9,11 +9,9 @@ earlier checkpoint whole; only the last `keep_last` are kept.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.errors import CheckpointError
+from slimtune.io.folders import remove_folder, write_folder_atomically, write_json
+from slimtune.io.safetensors import read_safetensors_header
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -98,27 +98,11 @@ def trainable_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 # ---- writing --------------------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
+def write_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    """One safetensors file of a checkpoint (the folder writer fsyncs it)."""
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata={"format": "pt"})
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
@@ -148,35 +132,22 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer:
     """
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".step-*"):  # temp folders of a write that was killed
+    for stale in root.glob(".step-*"):  # temporary folders of writes that were killed
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
-    try:
-        opt_js, opt_t = flatten_optimizer(optimizer.state_dict())
-        rng_js, rng_t = rng_state()
-        _write_safetensors(trainable_state(model), tmp / "weights.safetensors")
-        _write_safetensors({**opt_t, **rng_t}, tmp / "state.safetensors")
+    opt_js, opt_t = flatten_optimizer(optimizer.state_dict())
+    rng_js, rng_t = rng_state()
+
+    def fill(tmp: Path) -> None:
+        write_tensors(trainable_state(model), tmp / "weights.safetensors")
+        write_tensors({**opt_t, **rng_t}, tmp / "state.safetensors")
         full = {"format": FORMAT, "step": step, **state, "optimizer": opt_js, "rng": rng_js,
                 "scaler": scaler.state_dict() if scaler is not None else None}
-        _write_json(full, tmp / "state.json")  # last: its presence marks a complete folder
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. a rerun): swap, never leave a gap
-            old = root / f".step-{step}.old"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(full, tmp / "state.json")  # last: its presence marks a complete folder
+
+    final = write_folder_atomically(root / f"step-{step}", fill)
     if keep_last > 0:
         for _, d in list_checkpoints(out_dir)[:-keep_last]:
-            trash = root / f".{d.name}.del"
-            d.rename(trash)  # out of sight first, so a kill during rmtree leaves no half checkpoint
-            shutil.rmtree(trash, ignore_errors=True)
+            remove_folder(d)  # out of sight first, so a kill during the delete leaves no half checkpoint
     return final
 
 
@@ -206,8 +177,6 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             (another method or model).
     """
     from safetensors.torch import load_file
-
-    from slimtune.checkpoint import read_safetensors_header
 
     path = Path(path)
     try:

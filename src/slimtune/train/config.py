@@ -15,11 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from slimtune.errors import ConfigError
+from slimtune.optim.build import OPTIMIZERS
+from slimtune.optim.schedules import SCHEDULES
+from slimtune.peft.base import DeclaredOption, declared_options
+from slimtune.precision.policy import BASE_DTYPES, PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
-SCHEDULES = ("cosine", "linear", "constant")
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
-BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+# run keys that must match between a checkpoint and the run resuming from it (else the numerics differ); the method
+# options that must match are declared by the methods themselves (`option(..., resume=True)`)
+RESUME_KEYS = ("model", "method", "method_args", "quant", "data", "data_format", "template", "train_on_prompt",
+               "max_length", "packing", "precision", "base_dtype", "batch_size", "grad_accum", "lr", "min_lr",
+               "warmup_steps", "schedule", "weight_decay", "betas", "optimizer", "seed")
 
 
 @dataclass
@@ -30,13 +35,9 @@ class TrainConfig:
     model: str = "builtin"  # a Hugging Face folder, a hub id, or 'builtin' (the tiny built-in model)
     tokenizer: str | None = None  # default: the model's
     method: str = "lora"  # lora, dora, qlora, ia3, prefix, prompt, houlsby, bitfit, partial, full, ...
-    rank: int | None = None  # LoRA/DoRA rank r
-    alpha: float | None = None  # LoRA scaling numerator (lora_alpha)
-    dropout: float | None = None  # dropout on the adapter input
-    targets: list[str] | None = None  # module names to adapt (e.g. [q_proj, v_proj]); 'all-linear' where supported
-    use_dora: bool | None = None
-    use_rslora: bool | None = None  # scale alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)
-    num_virtual_tokens: int | None = None  # prompt / prefix tuning
+    # the methods' flat options (rank, alpha, dropout, targets, use_dora, use_rslora, num_virtual_tokens, ...: see
+    # `slimtune.peft.base.declared_options`) are read and written as plain keys; set ones are held here
+    options: dict[str, Any] = field(default_factory=dict)
     method_args: dict[str, Any] = field(default_factory=dict)  # any other option of the method's config, verbatim
     quant: str = "nf4"  # base-weight format for qlora
     # ---- data
@@ -107,11 +108,36 @@ class TrainConfig:
         if not self.data:
             raise ConfigError("no training data: set data=PATH (a .json, .jsonl or .parquet file)")
 
+    def __getattr__(self, name: str) -> Any:
+        # a flat method option (cfg.rank, cfg.targets): its value, None when unset
+        if name != "options" and name in flat_options():
+            return self.options.get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key in YAML order: the run's own fields, with the flat method options (None when unset) in the
+        place of `options`."""
+        own = dataclasses.asdict(self)
+        out: dict[str, Any] = {}
+        for k, v in own.items():
+            if k == "options":
+                out.update({name: v.get(name) for name in flat_options()})
+            else:
+                out[k] = v
+        return out
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+def flat_options() -> dict[str, DeclaredOption]:
+    """The methods' flat run keys (rank, targets, ...), from the methods' declarations."""
+    return declared_options("flat")
+
+
+def resume_keys() -> list[str]:
+    """Every key a resumed run must keep: the run's and the methods' (`option(..., resume=True)`)."""
+    return [*RESUME_KEYS, *(k for k, o in flat_options().items() if o.resume)]
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "options"}
 HINTS = typing.get_type_hints(TrainConfig)
 
 
@@ -119,7 +145,7 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def _coerce(value: Any, tp: Any) -> Any:
+def coerce(value: Any, tp: Any) -> Any:
     """`value` as type `tp` (int, float, bool, str, list[...], dict[...], unions with None); ValueError if not."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -130,7 +156,7 @@ def _coerce(value: Any, tp: Any) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a)
+                return coerce(value, a)
             except ValueError:
                 pass
         raise ValueError(_type_name(tp))
@@ -168,7 +194,7 @@ def _coerce(value: Any, tp: Any) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ValueError(_type_name(tp))
-        return [_coerce(v, item) for v in value]
+        return [coerce(v, item) for v in value]
     if origin is dict:
         if isinstance(value, dict):
             return dict(value)
@@ -192,16 +218,24 @@ def set_key(cfg: TrainConfig, key: str, value: Any, where: str) -> None:
     Raises:
         ConfigError: '<where>: unknown key ..., did you mean ...' or '<where>: key=value is not a <type>'.
     """
-    if key not in FIELDS:
-        close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(FIELDS)}"
+    flat = flat_options()
+    if key not in FIELDS and key not in flat:
+        known = [*FIELDS, *flat]
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(known)}"
         raise ConfigError(f"{where}: unknown key '{key}'{hint}")
-    tp = HINTS[key]
+    tp = flat[key].type if key in flat else HINTS[key]
     try:
-        setattr(cfg, key, _coerce(value, tp))
+        v = coerce(value, tp)
     except ValueError:
         raise ConfigError(f"{where}: {key}={value!r} is not a {_type_name(tp)}; fix: give {key} a "
                           f"{_type_name(tp)} value (default: {getattr(TrainConfig(), key)!r})") from None
+    if key not in flat:
+        setattr(cfg, key, v)
+    elif v is None:
+        cfg.options.pop(key, None)
+    else:
+        cfg.options[key] = v
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

@@ -1,4 +1,6 @@
-"""The precision guard for quantization: refuse NaN/inf and measure outliers, naming the tensor.
+"""The precision guards. `check_cast`: a cast into a narrower float format must not overflow to inf or flush a whole
+tensor to zero (the Llama 2 bf16-read-as-fp16 failure). `scan_weight`: a weight about to be quantized must be finite,
+and extreme outliers are measured, naming the tensor.
 
 A NaN or inf in a block would spread over its whole block (the absmax becomes NaN/inf), so it is an error. An extreme
 outlier (max |w| many times the tensor's RMS) is legal but costs every other weight of its block or channel its
@@ -14,6 +16,33 @@ from torch import Tensor
 from slimtune.errors import PrecisionError
 
 OUTLIER_SIGMA = 64.0  # max|w| / rms(w) above this is reported (a Gaussian of 1e9 values reaches about 6)
+
+
+def check_cast(name: str, t: Tensor, dtype: torch.dtype) -> None:
+    """Refuse a cast of tensor `name` into `dtype` that would overflow to inf or flush the whole tensor to zero.
+
+    Only casts into a narrower range are scanned (fp32/bf16 -> fp16, anything -> fp8); widening is always safe.
+
+    Raises:
+        PrecisionError: naming the tensor, its max |value| and a dtype that would hold it.
+    """
+    if not (t.is_floating_point() and dtype.is_floating_point) or t.numel() == 0:
+        return
+    src, dst = torch.finfo(t.dtype), torch.finfo(dtype)
+    if dst.max >= src.max and dst.smallest_normal <= src.smallest_normal:
+        return
+    a = t.detach().abs()
+    amax = a.max().float().item()
+    if not math.isfinite(amax):
+        raise PrecisionError(f"tensor {name} already holds NaN or inf; the checkpoint is damaged")
+    if amax > dst.max:
+        holder = "bfloat16" if amax <= torch.finfo(torch.bfloat16).max else "float32"
+        raise PrecisionError(f"tensor {name}: max |value| {amax:.6g} overflows {str(dtype)[6:]} (max {dst.max:.6g}); "
+                             f"load it as {holder} instead, or pass --force to cast anyway")
+    tiny = dst.smallest_normal * dst.eps  # the smallest subnormal; below half of it a value rounds to 0
+    if amax > 0 and amax < tiny / 2:
+        raise PrecisionError(f"tensor {name}: every value (max |value| {amax:.3g}) would flush to zero in "
+                             f"{str(dtype)[6:]}; load it as float32 instead, or pass --force")
 
 
 def scan_weight(name: str, w: Tensor, fmt: str) -> float:

@@ -1,9 +1,8 @@
-"""Optimizers that fit more in GPU memory: torch AdamW (fused on CUDA), 8-bit AdamW (torchao or bitsandbytes), SGD,
-and `CPUOffloadAdamW`, whose fp32 master weights and Adam states live in CPU memory and whose update runs on the CPU.
+"""`CPUOffloadAdamW`: AdamW whose fp32 master weights and moments live in CPU memory and whose update runs on the CPU.
 
-CPUOffloadAdamW step: gradients are copied into pinned CPU buffers (non_blocking, one synchronisation), the CPU AdamW
-updates the fp32 masters (torch's fused CPU kernel where available), and the masters, cast to each parameter's dtype
-in pinned buffers, are copied back (non_blocking). GPU memory keeps only the weights and their gradients.
+Step: gradients are copied into pinned CPU buffers (non_blocking, one synchronisation), the CPU AdamW updates the fp32
+masters (torch's fused CPU kernel where available), and the masters, cast to each parameter's dtype in pinned buffers,
+are copied back (non_blocking). GPU memory keeps only the weights and their gradients.
 """
 from __future__ import annotations
 
@@ -15,61 +14,19 @@ from torch import Tensor
 
 from slimtune.errors import ConfigError
 
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 
+def param_groups(params) -> list[dict[str, Any]]:
+    """Parameters or param-group dicts -> a list of groups (dicts with a 'params' list).
 
-def _groups(params) -> list[dict[str, Any]]:
-    """Parameters or param-group dicts -> a list of groups (dicts with a 'params' list)."""
+    Raises:
+        ConfigError: no parameters at all.
+    """
     params = list(params)
     if not params:
         raise ConfigError("the optimizer got no parameters; check which parameters are trainable")
     if isinstance(params[0], dict):
         return [dict(g, params=list(g["params"])) for g in params]
     return [{"params": params}]
-
-
-def _adamw8bit(groups, lr: float, betas, eps: float, weight_decay: float):
-    """torchao's AdamW8bit (blocks of 256, dynamic-tree quantized states), else bitsandbytes' AdamW8bit."""
-    try:
-        from torchao.optim import AdamW8bit
-    except ImportError:
-        try:
-            from bitsandbytes.optim import AdamW8bit
-        except ImportError:
-            raise ConfigError("optimizer adamw8bit needs torchao or bitsandbytes; fix: pip install torchao "
-                              "(or pip install bitsandbytes on CUDA), or use optimizer adamw") from None
-    return AdamW8bit(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-
-
-def make_optimizer(params: Iterable, name: str = "adamw", lr: float = 1e-4, weight_decay: float = 0.0,
-                   betas: tuple[float, float] = (0.9, 0.999), fused: bool | None = None, offload: bool = False,
-                   eps: float = 1e-8, momentum: float = 0.9):
-    """An optimizer over `params` (tensors or param groups; a group's own 'weight_decay' wins).
-
-    Args:
-        name: adamw | adamw8bit | sgd. fused: torch AdamW's fused kernel (default: on when every parameter is on
-            CUDA). offload: keep fp32 masters and states on the CPU and update there (adamw only).
-        momentum: SGD's momentum (0.9, as the training loop).
-    Returns:
-        a torch.optim.Optimizer, or a CPUOffloadAdamW (same step / zero_grad / param_groups / state_dict API).
-    Raises:
-        ConfigError: unknown name, offload with another optimizer than adamw, adamw8bit without torchao or
-            bitsandbytes installed.
-    """
-    groups = _groups(params)
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if offload:
-        if name != "adamw":
-            raise ConfigError(f"offload_optimizer works with optimizer adamw, not {name}; fix: optimizer=adamw")
-        return CPUOffloadAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if name == "adamw8bit":
-        return _adamw8bit(groups, lr, betas, eps, weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if fused is None:
-        fused = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
 
 
 class CPUOffloadAdamW:
@@ -81,7 +38,7 @@ class CPUOffloadAdamW:
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, fused: bool | None = None) -> None:
-        groups = _groups(params)
+        groups = param_groups(params)
         self.device_params: list[Tensor] = [p for g in groups for p in g["params"]]
         pin = torch.cuda.is_available() and any(p.is_cuda for p in self.device_params)
         self.masters: list[Tensor] = []

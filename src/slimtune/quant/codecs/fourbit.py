@@ -11,7 +11,8 @@ API: `quantize_4bit(w, fmt="nf4", block_size=64, double_quant=False, name="weigh
 `dequantize_4bit(q, dtype=None) -> Tensor`, `Quant4bit.absmax_fp32()`, `Quant4bit.nbits()`,
 `to_bnb_state_dict(q, prefix) -> dict[str, Tensor]`, `from_bnb_state_dict(sd, prefix) -> Quant4bit`,
 `quantize_blockwise_8bit(x, block_size=256)`, `dequantize_blockwise_8bit(codes, absmax, block_size=256)`,
-`code_table(fmt)`, `dynamic_map()`.
+`code_table(fmt)`, `dynamic_map()`; `FourBitCodec` (the `QuantLinear` codec of "nf4" / "fp4"; its state dict is
+bitsandbytes' `Linear4bit` keys).
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ from functools import cache
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from slimtune.errors import CheckpointError, ConfigError, PrecisionError
-from slimtune.quant.formats import NF4_CODE
+from slimtune.precision.formats import NF4_CODE
+from slimtune.quant.codecs.base import GroupedCodec
 
 FORMATS_4BIT = ("nf4", "fp4")
 # bitsandbytes "fp4": sign bit 8, magnitudes (code & 7) -> {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12 (an e2m1 with bias 3
@@ -290,3 +292,83 @@ def from_bnb_state_dict(sd: dict[str, Tensor], prefix: str = "") -> Quant4bit:
         q.nested_code = sd.get(f"{prefix}weight.nested_quant_map")
     q.code = sd.get(f"{prefix}weight.quant_map")
     return q
+
+
+# ---- the QuantLinear codec ------------------------------------------------------------------------------------------
+class FourBitCodec(GroupedCodec):
+    """NF4 / FP4 with one absmax per block of 64 (optionally double-quantized), buffers as bitsandbytes names them:
+    `weight` uint8 ((n + 1) // 2, 1), `absmax` (fp32, or uint8 codes with `nested_absmax` fp32 and `nested_offset`)."""
+
+    code_bits = 4
+
+    def __init__(self, fmt: str) -> None:
+        self.name = fmt
+
+    def check(self, in_f: int, group: int | None, name: str) -> int | None:
+        group = self.default_group if group is None else group
+        check_block(group, f"layer {name}: block size")
+        return group
+
+    def buffers(self, out_f: int, in_f: int, group: int | None, dq: bool, device) -> dict[str, Tensor]:
+        nb = -(-out_f * in_f // group)
+        b = {"weight": torch.empty(((out_f * in_f + 1) // 2, 1), dtype=torch.uint8, device=device),
+             "absmax": torch.empty(nb, dtype=torch.uint8 if dq else torch.float32, device=device)}
+        if dq:
+            b["nested_absmax"] = torch.empty(-(-nb // 256), dtype=torch.float32, device=device)
+            b["nested_offset"] = torch.empty((), dtype=torch.float32, device=device)
+        return b
+
+    def quantize(self, w: Tensor, group: int | None, dq: bool, name: str) -> dict[str, Tensor]:
+        q = quantize_4bit(w, self.name, group, dq, name)
+        bufs = {"weight": q.packed, "absmax": q.absmax}
+        if q.nested:
+            bufs.update(nested_absmax=q.nested_absmax, nested_offset=q.nested_offset)
+        return bufs
+
+    def nbytes(self, out_f: int, in_f: int, group: int | None = None, dq: bool = False) -> int:
+        n = out_f * in_f
+        nb = -(-n // (group or self.default_group))  # blocks, each with one absmax
+        absmax = nb + 4 * -(-nb // 256) + 4 if dq else 4 * nb
+        return (n + 1) // 2 + absmax
+
+    def table_bytes(self, dq: bool) -> int:
+        return 16 * 4 + (256 * 4 if dq else 0)  # quant_map (fp32) and, nested, nested_quant_map (fp32)
+
+    @staticmethod
+    def state(m: nn.Module) -> Quant4bit:
+        """The layer's buffers as a `Quant4bit` (with the code tables a loaded checkpoint brought, if any)."""
+        nested = m.double_quant
+        return Quant4bit(m.weight, m.absmax, torch.Size((m.out_features, m.in_features)), m.compute_dtype, m.fmt,
+                         m.group_size, m.nested_absmax if nested else None, m.nested_offset if nested else None,
+                         code=getattr(m, "_code", None), nested_code=getattr(m, "_nested_code", None))
+
+    def dequantize(self, m: nn.Module, dtype: torch.dtype) -> Tensor:
+        return dequantize_4bit(self.state(m), dtype)
+
+    def save_state(self, m: nn.Module, prefix: str) -> dict[str, Tensor] | None:
+        return to_bnb_state_dict(self.state(m), prefix)
+
+    def load_state(self, m: nn.Module, sd: dict[str, Tensor], prefix: str, assign: bool) -> list[str] | None:
+        own = {k: v for k, v in sd.items() if k.startswith(prefix) and "." not in k[len(prefix):]
+               or k.startswith(prefix + "weight.")}
+        q = from_bnb_state_dict(own, prefix)
+        if (q.fmt, q.block_size, q.nested, tuple(q.shape)) != (m.fmt, m.group_size, m.double_quant,
+                                                               (m.out_features, m.in_features)):
+            raise CheckpointError(f"{prefix}weight: checkpoint holds {q.fmt} block {q.block_size} nested={q.nested} "
+                                  f"shape {tuple(q.shape)}, the model expects {m.fmt} block {m.group_size} "
+                                  f"nested={m.double_quant} shape {(m.out_features, m.in_features)}")
+        bufs = {"weight": q.packed, "absmax": q.absmax}
+        if q.nested:
+            bufs.update(nested_absmax=q.nested_absmax, nested_offset=q.nested_offset.float())
+        for k, v in bufs.items():
+            cur = getattr(m, k)
+            if assign or cur.is_meta:
+                setattr(m, k, v)
+            elif cur.shape != v.shape:
+                raise CheckpointError(f"{prefix}{k}: checkpoint shape {tuple(v.shape)}, model {tuple(cur.shape)}")
+            else:
+                cur.copy_(v)
+        m._code, m._nested_code = q.code, q.nested_code
+        m.compute_dtype = q.dtype
+        known = set(to_bnb_state_dict(q, prefix)) | {prefix + "weight.nested_quant_map", prefix + "bias"}
+        return [k for k in own if k not in known]

@@ -1,34 +1,20 @@
-"""Integer and fp8 weight-only formats for a linear weight W (out, in): INT8, INT2/3/4 group-wise, FP8 e4m3.
+"""Group-wise asymmetric k-bit integer weights (k = 4, 3, 2: `int4`, `int3`, `int2`) with a zero point per group.
 
-INT8: per output channel, symmetric: SCB[r] = max|W[r]| (bitsandbytes' name), q = round(W * 127 / SCB) in int8,
-W ~ q * SCB / 127. INT4: per row and per group of G input columns, asymmetric: scale = (max - min) / 15,
-zero = round(-min / scale) in 0..15, q = clamp(round(W / scale) + zero, 0, 15), W ~ (q - zero) * scale; two codes per
-byte, column 2j in the high nibble (as NF4); INT2 / INT3 likewise with 2^k - 1 levels, packed most significant code
-first (4 codes per byte; 8 codes per 3 bytes). FP8: per output channel, scale = max|W[r]| / 448, q = W / scale cast to
-float8_e4m3fn (round to nearest even), W ~ q * scale.
-
-API: `quantize_int8(w, name) -> (q, SCB)`, `dequantize_int8(q, SCB, dtype)`, `quantize_int4(w, group_size, name) ->
-(packed, scales, zeros)`, `dequantize_int4(packed, scales, zeros, dtype)`, `quantize_fp8(w, name) -> (q, scale)`,
-`dequantize_fp8(q, scale, dtype)`, `quantize_intk(w, bits, group_size, name)` / `dequantize_intk(packed, scales,
-zeros, bits, dtype)` (bits 2, 3 or 4), `check_group(name, width, group_size)`, `pack_nibbles(c)`, `unpack_nibbles(p)`,
-`pack_bits(c, bits)`, `unpack_bits(p, bits)`.
+Per row and per group of G input columns: scale = (max - min) / L (L = 2^k - 1 levels above 0; the range widened to
+hold 0), zero = round(-min / scale) in 0..L, q = clamp(round(W / scale) + zero, 0, L), W ~ (q - zero) * scale. int4
+packs two codes per byte, column 2j in the high nibble (as NF4); int2 / int3 pack most significant code first (4 codes
+per byte; 8 codes per 3 bytes).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn (formats.FORMATS["fp8_e4m3"].max)
-
-
-def _check_2d(name: str, w: Tensor) -> None:
-    if w.dim() != 2 or not w.is_floating_point():
-        raise ConfigError(f"tensor {name}: expected a 2-D floating-point linear weight, got {tuple(w.shape)} "
-                          f"{w.dtype}")
+from slimtune.quant.codecs.base import GroupedCodec
+from slimtune.quant.codecs.rows import check_2d
 
 
 def check_group(name: str, width: int, group_size: int) -> None:
@@ -48,28 +34,6 @@ def pack_nibbles(c: Tensor) -> Tensor:
 def unpack_nibbles(p: Tensor) -> Tensor:
     """Inverse of `pack_nibbles` (uint8 codes, last dim doubled)."""
     return torch.stack([p >> 4, p & 15], -1).flatten(-2)
-
-
-def _row_absmax(w: Tensor) -> Tensor:
-    return w.detach().abs().amax(1).float()  # (out,)
-
-
-def quantize_int8(w: Tensor, name: str = "weight") -> tuple[Tensor, Tensor]:
-    """Per-output-channel symmetric int8: returns q int8 (out, in) and SCB fp32 (out,) = max|W[r]|.
-
-    Raises:
-        ConfigError: `w` is not a 2-D float tensor.
-    """
-    _check_2d(name, w)
-    scb = _row_absmax(w)
-    inv = torch.where(scb > 0, 127.0 / scb, torch.zeros_like(scb))
-    q = torch.round(w.detach().float() * inv[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scb
-
-
-def dequantize_int8(q: Tensor, scb: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """W ~ q * SCB / 127, computed in fp32 and rounded once to `dtype`."""
-    return (q.float() * (scb / 127.0)[:, None]).to(dtype)
 
 
 def pack_bits(c: Tensor, bits: int) -> Tensor:
@@ -111,7 +75,7 @@ def quantize_intk(w: Tensor, bits: int = 4, group_size: int = 64, name: str = "w
     Raises:
         ConfigError: `w` is not 2-D float, `group_size` does not divide the width, or the width does not pack.
     """
-    _check_2d(name, w)
+    check_2d(name, w)
     out_f, in_f = w.shape
     check_group(name, in_f, group_size)
     per = 8 // math.gcd(8, bits)
@@ -148,15 +112,34 @@ def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, dtype: torch.
     return dequantize_intk(packed, scales, zeros, 4, dtype)
 
 
-def quantize_fp8(w: Tensor, name: str = "weight") -> tuple[Tensor, Tensor]:
-    """Per-output-channel scaled float8_e4m3fn: returns q (out, in) fp8 and scale fp32 (out, 1)."""
-    _check_2d(name, w)
-    scale = (_row_absmax(w) / FP8_MAX)[:, None]
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    q = (w.detach().float() * inv).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
+class IntKCodec(GroupedCodec):
+    """k-bit group-wise: buffers `weight` uint8 (out, in * k / 8), `scales` fp32 and `zeros` uint8 (out, in // G)."""
 
+    scale_keys = ("scales", "zeros")
 
-def dequantize_fp8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """W ~ q * scale, computed in fp32 and rounded once to `dtype`."""
-    return (q.float() * scale).to(dtype)
+    def __init__(self, bits: int) -> None:
+        self.bits = self.code_bits = bits
+        self.name = f"int{bits}"
+
+    def check(self, in_f: int, group: int | None, name: str) -> int | None:
+        group = self.default_group if group is None else group
+        check_group(name, in_f, group)
+        per = 8 // math.gcd(8, self.bits)
+        if in_f % per:
+            raise ConfigError(f"layer {name}: width {in_f} is not a multiple of {per}, needed to pack {self.name} codes")
+        return group
+
+    def buffers(self, out_f: int, in_f: int, group: int | None, dq: bool, device) -> dict[str, Tensor]:
+        return {"weight": torch.empty(out_f, in_f * self.bits // 8, dtype=torch.uint8, device=device),
+                "scales": torch.empty(out_f, in_f // group, dtype=torch.float32, device=device),
+                "zeros": torch.empty(out_f, in_f // group, dtype=torch.uint8, device=device)}
+
+    def quantize(self, w: Tensor, group: int | None, dq: bool, name: str) -> dict[str, Tensor]:
+        return dict(zip(("weight", "scales", "zeros"), quantize_intk(w, self.bits, group, name)))
+
+    def dequantize(self, m: nn.Module, dtype: torch.dtype) -> Tensor:
+        return dequantize_intk(m.weight, m.scales, m.zeros, self.bits, dtype)
+
+    def nbytes(self, out_f: int, in_f: int, group: int | None = None, dq: bool = False) -> int:
+        g = group or self.default_group
+        return out_f * in_f * self.bits // 8 + out_f * (in_f // g) * 5  # codes + fp32 scale and uint8 zero per group

@@ -1,4 +1,5 @@
-"""The numeric formats slimtune stores weights in, each derived from its bit layout (not typed in).
+"""The numeric formats slimtune stores weights in, each derived from its bit layout (not typed in), and the one table of
+dtype names (`DTYPES`: 'bf16' / 'bfloat16' / torch.bfloat16 ...).
 
 Floats follow `value = (-1)^s * 2^(e - bias) * (1 + m / 2^M)` (normal) or `2^(1 - bias) * (m / 2^M)` (subnormal);
 what the all-ones exponent means depends on the family: IEEE (inf/NaN), "fn" (finite, only all-ones is NaN: fp8
@@ -6,14 +7,69 @@ e4m3fn) or none (every pattern finite: fp4 e2m1). Integer and table formats are 
 the block/channel absmax; their `eps` is the step below the largest value relative to it.
 
 API: `FORMATS: dict[str, Format]`, `get_format(name) -> Format`, `decode_float(fmt, pattern) -> float`,
-`format_values(name) -> list[float]` (every value of a format of 8 bits or fewer), `NF4_CODE`, `FP4_E2M1_VALUES`.
+`format_values(name) -> list[float]` (every value of a format of 8 bits or fewer), `NF4_CODE`, `FP4_E2M1_VALUES`;
+`DTYPES`, `parse_dtype(name)`, `dtype_name(dtype)`, `dtype_bytes(name)`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 
-from slimtune.errors import ConfigError
+import torch
+
+from slimtune.errors import CheckpointError, ConfigError
+
+# ---- dtype names ----------------------------------------------------------------------------------------------------
+# every name a user or a config.json may give for a storage dtype; torch's own name (after "torch.") is among them
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp8": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
+    "int8": torch.int8,
+}
+FLOAT_NAMES = ("fp32", "bf16", "fp16")  # the storage dtypes training and saving offer
+
+
+def parse_dtype(d: str | torch.dtype | None) -> torch.dtype | None:
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16; None or 'auto' -> None (the checkpoint's own).
+
+    Raises:
+        CheckpointError: an unknown name.
+    """
+    if d is None or isinstance(d, torch.dtype):
+        return d
+    if d == "auto":
+        return None
+    key = str(d).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise CheckpointError(f"unknown dtype {d!r}; choose one of {', '.join(sorted(DTYPES))} or auto")
+    return DTYPES[key]
+
+
+def short_name(dtype: torch.dtype) -> str:
+    """The short name of a dtype: torch.bfloat16 -> 'bf16' (the first name `DTYPES` gives it)."""
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's name of a dtype without the module: torch.bfloat16 -> 'bfloat16' (what config.json calls it)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_bytes(name: str | torch.dtype, what: str = "dtype") -> int:
+    """Bytes per element of a dtype name ('bf16', 'float32', ...) or a torch dtype.
+
+    Raises:
+        ConfigError: unknown name (naming `what`).
+    """
+    if isinstance(name, torch.dtype):
+        return name.itemsize
+    key = str(name).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ConfigError(f"unknown {what} {name!r}; choose one of fp32, bf16, fp16, fp8, int8")
+    return DTYPES[key].itemsize
+
 
 # NF4 as bitsandbytes stores it (QLoRA, Dettmers et al. 2023, appendix E): index 0..15
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

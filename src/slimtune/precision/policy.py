@@ -8,15 +8,24 @@ Under every 16-bit policy the frozen base of an adapter method is 16-bit and the
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from slimtune.errors import PrecisionError
+from slimtune.precision.formats import DTYPES, FLOAT_NAMES
+from slimtune.precision.guard import check_cast
 
-_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# policy -> (compute dtype (None: fp32), reached through autocast, dynamic loss scaling)
+POLICIES: dict[str, tuple[torch.dtype | None, bool, bool]] = {
+    "fp32": (None, False, False),
+    "bf16-mixed": (torch.bfloat16, True, False),
+    "fp16-mixed": (torch.float16, True, True),
+    "bf16-true": (torch.bfloat16, False, False),
+}
+PRECISIONS = ("auto", *POLICIES)  # what a config may say
+BASE_DTYPES = ("auto", *FLOAT_NAMES)  # storage of the frozen weights
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,23 @@ def bf16_supported(device: torch.device | str) -> bool:
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def make_policy(name: str, base_dtype: str = "auto", full: bool = False) -> Precision:
+    """The policy `name` (a key of POLICIES) without looking at any device (the memory estimator uses this too).
+
+    Args:
+        base_dtype: storage of frozen weights: auto (the compute dtype) or fp32 / bf16 / fp16.
+        full: full fine-tuning (every weight trainable, none frozen): bf16-true then stores weights in bf16.
+    Raises:
+        PrecisionError: an unknown name.
+    """
+    if name not in POLICIES:
+        raise PrecisionError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
+    compute, autocast, scaling = POLICIES[name]
+    weight = torch.bfloat16 if name == "bf16-true" and full else torch.float32
+    frozen = DTYPES[base_dtype] if base_dtype != "auto" else (compute or torch.float32)
+    return Precision(name, compute, autocast, weight, frozen, scaling)
+
+
 def resolve_precision(name: str, device: torch.device | str, base_dtype: str = "auto",
                       full: bool = False) -> Precision:
     """The policy `name` for a run on `device`.
@@ -69,8 +95,7 @@ def resolve_precision(name: str, device: torch.device | str, base_dtype: str = "
     Args:
         name: auto, fp32, bf16-mixed, fp16-mixed or bf16-true. auto: bf16-mixed on a GPU with bf16, fp16-mixed on
             an older GPU, fp32 on the CPU.
-        base_dtype: storage of frozen weights: auto (the compute dtype) or fp32 / bf16 / fp16.
-        full: full fine-tuning (every weight trainable, none frozen).
+        base_dtype, full: as `make_policy`.
     Raises:
         PrecisionError: a bf16 policy on a GPU without bf16 (suggesting fp16-mixed), or an unknown name.
     """
@@ -81,18 +106,7 @@ def resolve_precision(name: str, device: torch.device | str, base_dtype: str = "
         gpu = torch.cuda.get_device_name(device)
         raise PrecisionError(f"precision={name}: this GPU ({gpu}) has no native bf16; fix: use precision=fp16-mixed "
                              "(or fp32)")
-    table = {  # compute dtype, autocast, loss scaling
-        "fp32": (None, False, False),
-        "bf16-mixed": (torch.bfloat16, True, False),
-        "fp16-mixed": (torch.float16, True, True),
-        "bf16-true": (torch.bfloat16, False, False),
-    }
-    if name not in table:
-        raise PrecisionError(f"unknown precision {name!r}; choose fp32, bf16-mixed, fp16-mixed or bf16-true")
-    compute, autocast, scaling = table[name]
-    weight = torch.bfloat16 if name == "bf16-true" and full else torch.float32
-    frozen = _DT[base_dtype] if base_dtype != "auto" else (compute or torch.float32)
-    return Precision(name, compute, autocast, weight, frozen, scaling)
+    return make_policy(name, base_dtype, full)
 
 
 def apply_precision(model: nn.Module, prec: Precision) -> None:
@@ -103,8 +117,6 @@ def apply_precision(model: nn.Module, prec: Precision) -> None:
     Raises:
         PrecisionError: a frozen weight that overflows the narrower dtype.
     """
-    from slimtune.checkpoint import check_cast
-
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if id(p) in seen or not p.is_floating_point():
@@ -114,53 +126,3 @@ def apply_precision(model: nn.Module, prec: Precision) -> None:
         if p.dtype != dtype:
             check_cast(name, p.data, dtype)
             p.data = p.data.to(dtype)
-
-
-class AdamWFp32State(torch.optim.Optimizer):
-    """AdamW (Loshchilov & Hutter 2019, decoupled weight decay) whose state is fp32 whatever the weight dtype.
-
-    For bf16-true: each step reads the bf16 weight and gradient as fp32, updates in fp32 and rounds the weight back:
-        p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
-        p <- p - lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
-    On fp32 weights this is exactly torch.optim.AdamW's arithmetic.
-    """
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01) -> None:
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.tensor(0.0)
-                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                st["step"] += 1
-                t = st["step"].item()
-                w = p.float()
-                g = p.grad.float()
-                w.mul_(1 - lr * wd)
-                st["exp_avg"].lerp_(g, 1 - b1)
-                st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
-                w.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** t))
-                p.copy_(w)
-        return loss
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As Optimizer.load_state_dict, but the moments stay fp32 (the base class would cast them to bf16)."""
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in enumerate(params):
-            if i in saved:
-                for k in ("exp_avg", "exp_avg_sq"):
-                    self.state[p][k] = saved[i][k].to(device=p.device, dtype=torch.float32).clone()
-

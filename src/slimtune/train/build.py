@@ -1,0 +1,139 @@
+"""Building a run from its `TrainConfig`, one separate step each: the device, the method's config, the model (loaded,
+adapted, frozen, cast), the data, the optimizer, and the predicted peak memory."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtune.errors import ConfigError
+from slimtune.precision.policy import Precision, apply_precision, resolve_precision
+from slimtune.train.config import TrainConfig, flat_options
+
+PROMPT_METHODS = ("prompt", "prefix", "ptuning")
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu.
+
+    Raises:
+        ConfigError: a CUDA device asked for where none is visible.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA GPU is visible; fix: device=cpu or device=auto")
+    return torch.device(name)
+
+
+def method_config(cfg: TrainConfig):
+    """The method's own typed config built from the flat keys and `method_args` (None for full fine-tuning).
+
+    Raises:
+        ConfigError: unknown method, an option the method does not have, an out-of-range value.
+    """
+    if cfg.method == "full":
+        if cfg.options or cfg.method_args:
+            k = next(iter(cfg.options or cfg.method_args))
+            raise ConfigError(f"{k} does not apply to method=full (every weight trains); fix: remove it")
+        return None
+    from slimtune.peft.base import get_method
+
+    spec = get_method("lora" if cfg.method == "qlora" else cfg.method)
+    declared = flat_options()
+    opts: dict[str, Any] = {}
+    for k, v in cfg.options.items():
+        target = declared[k].fields.get(spec.name)
+        if target is None:
+            raise ConfigError(f"{k} does not apply to method={cfg.method}; its options are "
+                              f"{', '.join(spec.config_cls.field_names())} (set others through method_args)")
+        opts[target] = v
+    opts.update(cfg.method_args)
+    return spec.config_cls.from_dict(opts)
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Precision, dict[str, Any]]:
+    """Load the model, apply the method, freeze what it does not train, and cast to the precision policy.
+
+    Returns:
+        (model in train mode on `device`, the resolved precision, {'trainable', 'total', 'percent'}).
+    Raises:
+        ConfigError, CheckpointError, PrecisionError: bad method options, model folder or precision.
+    """
+    from slimtune.models.load import load_model
+    from slimtune.peft.api import apply_method, freeze_base, trainable_report
+
+    full = cfg.method == "full"
+    prec = resolve_precision(cfg.precision, device, cfg.base_dtype, full=full)
+    mcfg = method_config(cfg)  # validated before the (possibly long) load
+    if cfg.method == "qlora":
+        # each linear weight is quantized on the device as soon as it is read: the 16-bit model never exists whole
+        model, _ = load_model(cfg.model, dtype=prec.compute_dtype or torch.float32, device=device,
+                              quantize=cfg.quant)
+    else:
+        model, _ = load_model(cfg.model, dtype=prec.weight_dtype if full else prec.frozen_dtype, device=device)
+    if full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        apply_method(model, mcfg)
+        freeze_base(model)
+    apply_precision(model, prec)
+    model.grad_ckpt = cfg.grad_ckpt
+    return model.train(), prec, trainable_report(model, print_line=False)  # counts quantized weights too
+
+
+def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any, dict[str, Any]]:
+    """(train dataset, validation dataset or None, summary) from the data keys (see `slimtune.data`).
+
+    Raises:
+        ConfigError: packing with a prompt method, two validation sources. DataError: bad data.
+    """
+    from slimtune.data import DataConfig, build_datasets
+
+    if cfg.method in PROMPT_METHODS and cfg.packing:
+        raise ConfigError(f"method={cfg.method} runs unpacked batches (its virtual tokens come before each example); "
+                          "fix: set packing=false")
+    if cfg.val_data and cfg.val_fraction:
+        raise ConfigError("both val_data and val_fraction are set; fix: keep one of them")
+    dc = DataConfig(path=cfg.data, format=cfg.data_format, template=cfg.template, max_length=cfg.max_length,
+                    train_on_prompt=cfg.train_on_prompt, pack=cfg.packing, val_fraction=cfg.val_fraction,
+                    val_path=cfg.val_data, seed=cfg.seed, limit=cfg.data_limit, skip_bad=cfg.skip_bad)
+    return build_datasets(dc, tokenizer)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig):
+    """The optimizer over the trainable parameters; weight decay on matrices only (not norms, biases)."""
+    from slimtune.optim.build import decay_groups, make_optimizer
+
+    return make_optimizer(decay_groups(model, cfg.weight_decay), cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas),
+                          weight_decay=cfg.weight_decay, offload=cfg.offload_optimizer)
+
+
+def predict_memory(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) -> dict | None:
+    """Before anything is loaded on a GPU: the step's predicted peak (`slimtune.memory.estimate`) against the free
+    memory, and a warning with the planner's command when it will not fit. None where the estimator has no model of
+    the method (full, lora, dora and qlora are modelled)."""
+    if device.type != "cuda" or cfg.method not in ("full", "lora", "dora", "qlora"):
+        return None
+    from slimtune.io.hub import resolve
+    from slimtune.memory.estimate import EstimateInput, estimate
+    from slimtune.models.config import ModelConfig
+    from slimtune.models.tiny import BUILTIN_NAMES, builtin_config
+
+    mcfg = builtin_config() if cfg.model in BUILTIN_NAMES else ModelConfig.from_file(resolve(cfg.model) / "config.json")
+    prec = cfg.precision if cfg.precision != "auto" else "bf16-mixed"
+    offload = "optimizer" if cfg.offload_optimizer else "activations" if cfg.offload_activations else None
+    e = estimate(EstimateInput(mcfg, "lora" if cfg.method == "dora" else cfg.method, prec, cfg.optimizer,
+                               cfg.batch_size, cfg.max_length, cfg.grad_ckpt, offload=offload,
+                               lora_rank=cfg.rank or 16, quant_format=cfg.quant))
+    free, _ = torch.cuda.mem_get_info(device)
+    need = e["total_bytes"]
+    log(f"predicted peak GPU memory {need / 2**30:.1f} GiB (largest part: {e['dominant']}); {free / 2**30:.1f} GiB "
+        "free")
+    if need > free:
+        log(f"warning: this run will probably not fit; see what does with: slimtune plan --model {cfg.model} "
+            f"--gpu-memory {free / 2**30:.0f}GiB --seq {cfg.max_length}")
+    return e

@@ -1,0 +1,79 @@
+"""One training step: the forward loss of a batch and one optimizer step over micro-batches (gradient accumulation,
+loss scaling, clipping). Pure functions of their arguments; the loop (`loop.py`) owns the run."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtune.data.pack import model_inputs
+from slimtune.data.tokenize import IGNORE_INDEX
+from slimtune.errors import SlimtuneError
+from slimtune.precision.policy import Precision
+from slimtune.train.loss import causal_lm_loss
+from slimtune.train.offload import offload_activations
+
+
+class TrainingError(SlimtuneError):
+    """The run diverged: a loss or gradient turned NaN/inf outside what loss scaling handles."""
+
+
+def forward_loss(model: nn.Module, batch: dict, prec: Precision, device: torch.device,
+                 offload: bool = False) -> tuple[torch.Tensor, int]:
+    """(summed token loss (fp32), number of predicted tokens) of one batch; `offload`: activations saved for
+    backward wait in host memory (`slimtune.train.offload`)."""
+    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with prec.context(device.type), offload_activations(model) if offload else contextlib.nullcontext():
+        if len(getattr(model, "prompt_encoder", ())):  # prompt / p-tuning / prefix: virtual tokens go in first
+            from slimtune.peft.prompt import forward_with_prompts
+
+            logits = forward_with_prompts(model, b["input_ids"], b.get("attention_mask")).logits  # (B, T, V)
+        else:
+            logits = model(**model_inputs(b))  # (B, T, V)
+    loss_sum, count = causal_lm_loss(logits, b["labels"])
+    return loss_sum, int(count)
+
+
+def train_step(model: nn.Module, micro: list[dict], optimizer, scaler, prec: Precision, device: torch.device,
+               max_grad_norm: float, params: list[nn.Parameter], offload: bool = False) -> dict[str, Any]:
+    """One optimizer step over the micro-batches `micro` (gradient accumulation).
+
+    Every micro-batch's summed loss is divided by the token count of the whole step, so the accumulated gradient is
+    that of the mean over all tokens (as one big batch). With a scaler the loss is multiplied by the scale before
+    backward and the gradients are unscaled before clipping; the scaler skips a step whose gradients hold inf/NaN.
+    Returns:
+        {'loss', 'grad_norm', 'tokens', 'skipped'}.
+    Raises:
+        TrainingError: the loss is NaN/inf, or (without a scaler) a gradient is.
+    """
+    n_pred = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    total = torch.zeros((), device=device)
+    for b in micro:
+        loss_sum, _ = forward_loss(model, b, prec, device, offload)
+        loss = loss_sum / max(n_pred, 1)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach()
+    loss_val = total.item()
+    if not math.isfinite(loss_val):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(f"loss is {loss_val} under precision={prec.name}")
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+    skipped = False
+    if scaler is not None:
+        before = scaler.get_scale()
+        scaler.step(optimizer)  # skipped inside when unscale_ found inf/NaN
+        scaler.update()
+        skipped = scaler.get_scale() < before
+    elif not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(f"gradient norm is {norm} under precision={prec.name}")
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(b["input_ids"].numel() for b in micro)
+    return {"loss": loss_val, "grad_norm": norm, "tokens": tokens, "skipped": skipped}
