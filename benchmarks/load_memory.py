@@ -15,7 +15,7 @@ from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time, psutil, torch
-from slimtune.checkpoint import load_model
+from slimtune.models.load import load_model
 base = psutil.Process().memory_info().rss
 t0 = time.time()
 model, cfg = load_model(sys.argv[1])

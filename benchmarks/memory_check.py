@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from slimtune.memory import estimate
-from slimtune.memory.offload import offload_activations
-from slimtune.memory.optim import make_optimizer
+from slimtune.memory.estimate import estimate
+from slimtune.train.offload import offload_activations
+from slimtune.optim.build import make_optimizer
 from slimtune.models.shapes import build_meta, get_shape
 
 # (shape, method, batch, seq, grad_ckpt, offload)
@@ -71,7 +71,7 @@ def build(shape: str, method: str, device: torch.device, precision: str, offload
 
 def step(model, opt, params, ids, device, offload: str | None) -> float:
     """One step as slimtune.train.loop.train_step does it; returns the loss."""
-    from slimtune.data import causal_lm_loss
+    from slimtune.train.loss import causal_lm_loss
 
     ctx = offload_activations(model) if offload == "activations" else torch.autograd.graph.saved_tensors_hooks(
         lambda t: t, lambda t: t)

@@ -25,7 +25,7 @@ from slimtune.models.shapes import get_shape  # noqa: E402
 def build_qlora_streamed(shape: str, device: torch.device):
     """QLoRA as a user gets it: each block materialised and quantized to NF4 before the next one exists, so the
     16-bit model never sits on the GPU whole (memory_check's build materialises it first, which a 16 GiB cap forbids)."""
-    from slimtune.memory.optim import make_optimizer
+    from slimtune.optim.build import make_optimizer
     from slimtune.models.shapes import build_meta
     from slimtune.peft import apply_method, freeze_base
     from slimtune.quant import quantize_model

@@ -29,7 +29,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def write_random_checkpoint(cfg, folder: Path, device: str, seed: int = 0) -> Path:
     """A bf16 HF checkpoint with normal(0, 0.02) matrices and unit norms, one shard per layer (written once)."""
-    from slimtune.checkpoint import write_shards
+    from slimtune.io.safetensors import write_shards
 
     marker = folder / ".complete"
     if marker.exists():
@@ -74,12 +74,12 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp", help="folder for results.jsonl")
     a = ap.parse_args()
 
-    from slimtune.checkpoint import load_model
+    from slimtune.models.load import load_model
     from slimtune.models.shapes import get_shape
     from slimtune.peft import apply_method, freeze_base
     from slimtune.quant.linear import QuantLinear
-    from slimtune.train.loop import train_step
-    from slimtune.train.precision import apply_precision, resolve_precision
+    from slimtune.train.step import train_step
+    from slimtune.precision.policy import apply_precision, resolve_precision
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seq = a.seq or (2048 if a.shape != "tiny" else 128)

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from slimtune.quant.guard import scan_weight
+from slimtune.precision.guard import scan_weight
 from slimtune.quant.linear import QuantLinear
 
 SHAPES = {  # d, layers, ffn, heads, kv heads, vocab

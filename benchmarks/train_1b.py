@@ -27,8 +27,9 @@ def run(mode: str, a, device: torch.device) -> dict:
     from slimtune.models.shapes import build_meta, get_shape
     from slimtune.peft import apply_method, freeze_base
     from slimtune.train import load_config
-    from slimtune.train.loop import build_optimizer, train_step
-    from slimtune.train.precision import apply_precision, resolve_precision
+    from slimtune.train.build import build_optimizer
+    from slimtune.train.step import train_step
+    from slimtune.precision.policy import apply_precision, resolve_precision
 
     mcfg = get_shape(a.shape)
     full = mode == "full"
@@ -41,7 +42,7 @@ def run(mode: str, a, device: torch.device) -> dict:
     model.grad_ckpt = not a.no_gc
     model.train()
     tcfg = load_config(None, ["data=random", f"method={mode}", "lr=1e-4", "weight_decay=0.0"])
-    opt = build_optimizer(model, tcfg, prec, device)
+    opt = build_optimizer(model, tcfg)
     scaler = prec.make_scaler(device.type)
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)

@@ -142,3 +142,38 @@ def test_combined_adapter_loads_in_peft(tmp_path):
     P.save_adapter(model, tmp_path / "ab", "ab")
     pm = peft.PeftModel.from_pretrained(hf_llama(), str(tmp_path / "ab")).eval()
     assert (pm(x).logits - y).abs().max() <= 1e-5
+
+
+def test_lora_bias_both_ways_with_peft(tmp_path):
+    """PEFT's lora_bias (a trainable bias on lora_B, added as s * b): a PEFT adapter with it loads into slimtune's
+    decoder with PEFT's logits, merges into the q/k/v biases of a Qwen2 model, and slimtune's own loads in PEFT."""
+    from conftest import make_hf_model
+
+    from slimtune.train.config import load_config
+    from slimtune.train.build import method_config
+
+    x = ids()
+    base = make_hf_model("qwen2")
+    base.save_pretrained(tmp_path / "model")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True,
+                          task_type="CAUSAL_LM")
+    pm = peft.get_peft_model(make_hf_model("qwen2"), cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for k, p in pm.named_parameters():
+            if "lora_B" in k:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.eval()
+    y = pm(x).logits
+    pm.save_pretrained(tmp_path / "ad")
+    ours, _ = load_model(tmp_path / "model")
+    P.load_adapter(ours, tmp_path / "ad")
+    assert (ours(x) - y).abs().max() <= 1e-5
+    P.save_adapter(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(make_hf_model("qwen2"), tmp_path / "ours").eval()
+    assert (back(x).logits - y).abs().max() <= 1e-5
+    P.merge_and_unload(ours)
+    assert (ours(x) - y).abs().max() <= 1e-5
+    # a run's flat key sets it (the option is declared once, on LoraConfig)
+    run = load_config(None, ["data=x.json", "lora_bias=true", "targets=[q_proj]"])
+    assert method_config(run).lora_bias is True

@@ -59,17 +59,18 @@ def test_each_policy_trains(policy, method):
 
 def test_fp16_overflow_skips_step_and_keeps_weights():
     model, prec, opt, params = setup("fp16-mixed", "lora")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)  # loss x 2^100: fp16 gradients overflow to inf
+    # loss x 2^30: fp16 gradients overflow to inf (on this model they fit from about 2^19 down)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 30)
     before = [p.detach().clone() for p in params]
     res = train_step(model, [batch()], opt, scaler, prec, CPU, 1.0, params)
-    assert res["skipped"] and scaler.get_scale() == 2.0 ** 99  # backed off by 0.5
+    assert res["skipped"] and scaler.get_scale() == 2.0 ** 29  # backed off by 0.5
     assert all(torch.equal(a, p) for a, p in zip(before, params))
     assert not opt.state  # no moment was touched
-    for _ in range(200):  # the scale keeps halving until a step goes through
+    for _ in range(40):  # the scale keeps halving until a step goes through
         res = train_step(model, [batch()], opt, scaler, prec, CPU, 1.0, params)
         if not res["skipped"]:
             break
-    assert not res["skipped"] and scaler.get_scale() < 2.0 ** 40
+    assert not res["skipped"] and scaler.get_scale() < 2.0 ** 25
     assert any(not torch.equal(a, p) for a, p in zip(before, params))
 
 

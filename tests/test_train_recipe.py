@@ -18,7 +18,15 @@ PINNED = {
              5.576874732971191],
     "full": [5.759906768798828, 5.602293014526367, 5.293323516845703, 5.10615348815918,
              4.942829608917236],
+    # the same losses before and after the issue-10 layout change (computed with both trees)
+    "qlora": [5.75579309463501, 5.754199504852295, 5.680943489074707, 5.611952781677246, 5.567478179931641],
+    "dora": [5.759906768798828, 5.756965160369873, 5.681532859802246, 5.609319686889648, 5.57005500793457],
+    "qat": [5.759893417358398, 5.757912635803223, 5.685704708099365, 5.611641883850098, 5.572301864624023],
 }
+METHOD_KEYS = {"lora": ["rank=8", "alpha=16", "targets=all-linear"], "full": [],
+               "qlora": ["rank=8", "alpha=16", "targets=all-linear"],  # NF4 + double quant base
+               "dora": ["rank=8", "alpha=16", "targets=all-linear"],
+               "qat": ["method_args={fmt: int4, r: 8, lora_alpha: 16}"]}  # fake int4 + LoRA
 
 
 def tiny_dir(tmp: Path) -> Path:
@@ -33,9 +41,9 @@ def tiny_dir(tmp: Path) -> Path:
     return save_model(init_weights(Decoder(cfg), 0), tmp / "model", tokenizer=builtin_tokenizer())
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", list(PINNED))
 def test_first_losses_pinned(method, tmp_path):
-    extra = ["rank=8", "alpha=16", "targets=all-linear"] if method == "lora" else []
+    extra = METHOD_KEYS[method]
     cfg = load_config(None, [f"model={tiny_dir(tmp_path)}", f"data={sample_path()}", "data_limit=32",
                              "max_length=64", f"method={method}", "batch_size=4", "grad_accum=2", "max_steps=5",
                              "lr=3e-3", "warmup_steps=2", "max_grad_norm=1.0", "weight_decay=0.01",

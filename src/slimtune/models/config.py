@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from slimtune.errors import CheckpointError
+from slimtune.precision.formats import DTYPES, FLOAT_NAMES, short_name
 
 # model_type -> the transformers class name written in `architectures`
 ARCHITECTURES = {
@@ -24,7 +25,6 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
 }
 ROPE_TYPES = ("default", "linear", "llama3")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -71,7 +71,9 @@ class ModelConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES.get(self.dtype, torch.float32)
+        """The declared storage dtype: fp32, bf16 or fp16 (float32 for anything else config.json may name)."""
+        dt = DTYPES.get(str(self.dtype))
+        return dt if dt is not None and short_name(dt) in FLOAT_NAMES else torch.float32
 
     @property
     def eos_ids(self) -> list[int]:

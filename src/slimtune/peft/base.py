@@ -47,7 +47,7 @@ def option(default: Any = MISSING, *, default_factory: Any = MISSING, flat: str 
         resume: a run resumed from a checkpoint must keep this value (it changes the numerics).
         help: one line for --help.
     """
-    md = {"flat": flat, "cli": cli or flat, "resume": resume, "help": help}
+    md = {"flat": flat, "cli": cli or (flat.replace("_", "-") if flat else None), "resume": resume, "help": help}
     return field(default=default, default_factory=default_factory, metadata={"slimtune": md})
 
 

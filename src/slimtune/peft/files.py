@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.errors import CheckpointError, ConfigError
-from slimtune.peft.base import MethodConfig, get_method, method_for_peft_type
+from slimtune.peft.base import FILE_PREFIX, MethodConfig, get_method, method_for_peft_type
 from slimtune.peft.layer import active_adapters, model_adapters, set_active_adapters
 
 CONFIG_NAME = "adapter_config.json"
@@ -36,7 +36,7 @@ def adapter_json(model: nn.Module, cfg: MethodConfig, name: str,
     if d.get("target_modules") == "all-linear":  # as PEFT does after injecting: the names actually adapted
         from slimtune.peft.targets import short_names
 
-        paths = [k[len("base_model.model."):].rsplit(".", 2)[0] for k in get_method(cfg.method).state_dict(model, name)
+        paths = [k[len(FILE_PREFIX):].rsplit(".", 2)[0] for k in get_method(cfg.method).state_dict(model, name)
                  if k.endswith("lora_A.weight")]
         d["target_modules"] = short_names(paths) or d["target_modules"]
     if isinstance(d.get("target_modules"), (set, tuple)):

@@ -21,7 +21,7 @@ from slimtune.peft.targets import find_targets, replace_module
 
 
 # PEFT LoRA options that change what the adapter computes; an adapter that sets one is refused rather than misread
-UNSUPPORTED_PEFT_OPTIONS = ("lora_bias", "target_parameters", "trainable_token_indices", "layer_replication",
+UNSUPPORTED_PEFT_OPTIONS = ("target_parameters", "trainable_token_indices", "layer_replication",
                             "use_qalora", "alora_invocation_tokens", "megatron_config", "arrow_config")
 
 
@@ -40,6 +40,7 @@ class LoraConfig(MethodConfig):
     bias: str = "none"  # only "none": trainable biases are BitFit's job
     use_rslora: bool = option(False, flat="use_rslora", help="scale alpha / sqrt(r) (Kalajdzievski 2023)")
     use_dora: bool = option(False, flat="use_dora", help="DoRA: learn a magnitude per output row")
+    lora_bias: bool = option(False, flat="lora_bias", help="train a bias on lora_B too (PEFT's lora_bias)")
     fan_in_fan_out: bool = False
     init_lora_weights: bool | str = True  # True: A Kaiming-uniform, B zero; "gaussian": A ~ N(0, 1/r); False: both random
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name regex -> r
@@ -59,6 +60,8 @@ class LoraConfig(MethodConfig):
             raise ConfigError(f"LoRA bias={self.bias!r} is not supported; use bias='none' (train biases with bitfit)")
         if self.fan_in_fan_out:
             raise ConfigError("fan_in_fan_out=True (GPT-2 Conv1D weights) is not supported; slimtune adapts nn.Linear")
+        if self.lora_bias and self.use_dora:
+            raise ConfigError("lora_bias with DoRA is not supported; use one of them")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} is not supported; use true, false or "
                               "'gaussian'")
@@ -156,12 +159,15 @@ class LoraLinear(AdapterLayer):
         return list(self.lora_A.keys())
 
     def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-            dora: bool = False, init: bool | str = True) -> None:
-        """Add adapter `name` of rank r (replacing one of the same name)."""
+            dora: bool = False, init: bool | str = True, bias: bool = False) -> None:
+        """Add adapter `name` of rank r (replacing one of the same name); `bias`: lora_B gets a trainable bias
+        (zero at start), added as s * b (PEFT's lora_bias)."""
         check_rank(r, "LoRA rank r")
         dev, dt = _device(self.base_layer), _adapter_dtype(self.base_layer)
         A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=dt)
-        B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=dt)
+        B = nn.Linear(r, self.out_features, bias=bias, device=dev, dtype=dt)
+        if bias and dev.type != "meta":
+            nn.init.zeros_(B.bias)
         if init is True:  # as PEFT: Kaiming-uniform with a = sqrt(5) (nn.Linear's default), B = 0: a zero update
             nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
             nn.init.zeros_(B.weight)
@@ -228,13 +234,15 @@ class LoraLinear(AdapterLayer):
         return y
 
     # ---- merging ----------------------------------------------------------------------------------------------------
-    def _dense_base(self) -> nn.Module:
-        """The base as an nn.Linear with a float weight (a quantized base is dequantized once, for merging)."""
+    def _dense_base(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The base as an nn.Linear with a float weight of `dtype` (default: the base's own, or a quantized base's
+        compute dtype); a quantized base is dequantized once, for merging."""
         b = self.base_layer
-        if isinstance(getattr(b, "weight", None), torch.Tensor) and b.weight.is_floating_point() \
-                and not hasattr(b, "dequantize"):
+        plain = isinstance(getattr(b, "weight", None), torch.Tensor) and b.weight.is_floating_point() \
+            and not hasattr(b, "dequantize")
+        if plain and (dtype is None or b.weight.dtype == dtype):
             return b
-        dt = getattr(b, "compute_dtype", torch.float32)
+        dt = dtype or getattr(b, "compute_dtype", torch.float32)
         dense = nn.Linear(self.in_features, self.out_features, bias=getattr(b, "bias", None) is not None,
                           device=_device(b), dtype=dt)
         with torch.no_grad():
@@ -251,6 +259,9 @@ class LoraLinear(AdapterLayer):
         for n in names if names is not None else self.active:
             if n in self.merged or n not in self.lora_A:
                 continue
+            if self.lora_B[n].bias is not None and getattr(self.base_layer, "bias", None) is None:
+                raise ConfigError("a LoRA adapter with lora_bias cannot merge into a layer without a bias; keep it "
+                                  "unmerged")
             W = self._dense_base().weight
             delta = self.delta_weight(n)
             if n in self.lora_magnitude_vector:
@@ -259,7 +270,16 @@ class LoraLinear(AdapterLayer):
             else:
                 new = W.to(delta.dtype) + delta
             W.copy_(new.to(W.dtype))
+            self._merge_bias(n, +1)
             self.merged.append(n)
+
+    def _merge_bias(self, name: str, sign: int) -> None:
+        """Add (sign +1) or take back (-1) adapter `name`'s bias s * b into the base bias (checked to exist)."""
+        b = self.lora_B[name].bias
+        if b is None:
+            return
+        base_bias = self.base_layer.bias
+        base_bias.copy_((base_bias.to(b.dtype) + sign * self.scaling[name] * b).to(base_bias.dtype))
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -274,6 +294,7 @@ class LoraLinear(AdapterLayer):
             else:
                 old = W.to(delta.dtype) - delta
             W.copy_(old.to(W.dtype))
+            self._merge_bias(n, -1)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.lora_A[n].out_features}{' dora' if n in self.lora_magnitude_vector else ''}"
@@ -299,7 +320,7 @@ def apply(model: nn.Module, cfg: LoraConfig, name: str) -> None:
             m = LoraLinear(m)
             replace_module(model, p, m)
         r, alpha = cfg.rank_alpha(p)
-        m.add(name, r, alpha, cfg.lora_dropout, cfg.use_rslora, cfg.use_dora, cfg.init_lora_weights)
+        m.add(name, r, alpha, cfg.lora_dropout, cfg.use_rslora, cfg.use_dora, cfg.init_lora_weights, cfg.lora_bias)
     add_modules_to_save(model, cfg.modules_to_save, name)
 
 
@@ -311,6 +332,8 @@ def state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
         if isinstance(m, LoraLinear) and name in m.lora_A:
             out[file_key(path, "lora_A.weight")] = m.lora_A[name].weight.detach()
             out[file_key(path, "lora_B.weight")] = m.lora_B[name].weight.detach()
+            if m.lora_B[name].bias is not None:
+                out[file_key(path, "lora_B.bias")] = m.lora_B[name].bias.detach()
             if name in m.lora_magnitude_vector:
                 out[file_key(path, "lora_magnitude_vector")] = m.lora_magnitude_vector[name].detach()
     out.update(modules_to_save_state_dict(model, name))
@@ -330,6 +353,8 @@ def shapes(model: nn.Module, cfg: LoraConfig) -> dict[str, tuple[int, ...]]:
         r, _ = cfg.rank_alpha(p)
         out[file_key(p, "lora_A.weight")] = (r, m.in_features)
         out[file_key(p, "lora_B.weight")] = (m.out_features, r)
+        if cfg.lora_bias:
+            out[file_key(p, "lora_B.bias")] = (m.out_features,)
         if cfg.use_dora:
             out[file_key(p, "lora_magnitude_vector")] = (m.out_features,)
     out.update(modules_to_save_shapes(model, cfg.modules_to_save))
@@ -367,6 +392,8 @@ def combine(model: nn.Module, configs: dict[str, LoraConfig], names: list[str], 
             raise ConfigError(f"combine_adapters: {n!r} is not a LoRA adapter of this model")
         if configs[n].use_dora:
             raise ConfigError(f"combine_adapters: {n!r} is a DoRA adapter; its magnitude vector does not add up")
+        if configs[n].lora_bias:
+            raise ConfigError(f"combine_adapters: {n!r} has a lora_bias; combinations are of A and B only")
     if mode == "svd":
         rank = rank or max(configs[n].r for n in names)
         check_rank(rank, "combined rank")

@@ -136,6 +136,20 @@ def quantize_layers(model: nn.Module, plan: dict[str, str], group_size: int | No
 
 
 # ---- the whole job --------------------------------------------------------------------------------------------------
+def _check_job(fmt: str | None, group_size: int | None, bits: float | None) -> None:
+    """Raise ConfigError unless exactly one of fmt / bits is given, the format is one PTQ offers, a group size goes
+    only with a grouped format, and the budget is one 2-8 bit layers can average."""
+    if (fmt is None) == (bits is None):
+        raise ConfigError("quantize: give either --format (one format for every layer) or --bits (a mixed budget)")
+    if fmt is not None and fmt not in PTQ_FORMATS:
+        raise ConfigError(f"quantize: unknown format {fmt!r}; choose one of {', '.join(PTQ_FORMATS)}")
+    if fmt is not None and fmt not in GROUPED and group_size is not None:
+        raise ConfigError(f"quantize: format {fmt} is per channel and takes no --group; drop --group {group_size}")
+    if bits is not None and not 2 <= bits <= 8:
+        raise ConfigError(f"quantize: --bits {bits:g} is outside what 2, 3, 4 and 8-bit layers can average; choose "
+                          "a value in [2, 8]")
+
+
 def quantize_checkpoint(model_path: str | Path, out: str | Path, fmt: str | None = None,
                         group_size: int | None = None, bits: float | None = None, eval_path: str | Path | None = None,
                         eval_limit: int = 200, max_length: int = 256, evaluate: bool = True,
@@ -162,15 +176,7 @@ def quantize_checkpoint(model_path: str | Path, out: str | Path, fmt: str | None
     from slimtune.quant.linear import QuantLinear, linear_names
     from slimtune.quant.mixed import allocate_bits, layer_format, measure_sensitivity
 
-    if (fmt is None) == (bits is None):
-        raise ConfigError("quantize: give either --format (one format for every layer) or --bits (a mixed budget)")
-    if fmt is not None and fmt not in PTQ_FORMATS:
-        raise ConfigError(f"quantize: unknown format {fmt!r}; choose one of {', '.join(PTQ_FORMATS)}")
-    if fmt is not None and fmt not in GROUPED and group_size is not None:
-        raise ConfigError(f"quantize: format {fmt} is per channel and takes no --group; drop --group {group_size}")
-    if bits is not None and not 2 <= bits <= 8:
-        raise ConfigError(f"quantize: --bits {bits:g} is outside what 2, 3, 4 and 8-bit layers can average; choose "
-                          "a value in [2, 8]")
+    _check_job(fmt, group_size, bits)
     t0 = time.perf_counter()
     model, _ = load_model(model_path, device=device)
     tok = load_tokenizer(model_path)

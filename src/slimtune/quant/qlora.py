@@ -88,7 +88,7 @@ def merge_into_dequantized(model: nn.Module, dtype: torch.dtype) -> int:
         ConfigError: the model carries adapters of a method other than LoRA / DoRA.
     """
     from slimtune.peft.layer import AdapterLayer, active_adapters, model_adapters
-    from slimtune.peft.lora import LoraLinear, base_weight, dora_weight
+    from slimtune.peft.lora import LoraLinear
     from slimtune.peft.targets import replace_module
 
     active = active_adapters(model)
@@ -97,21 +97,10 @@ def merge_into_dequantized(model: nn.Module, dtype: torch.dtype) -> int:
         if not isinstance(m, LoraLinear):
             raise ConfigError(f"merge-adapter --qlora: {path} holds a {type(m).__name__} adapter; only LoRA / DoRA "
                               "adapters merge into a quantized base")
-        W = base_weight(m.base_layer, torch.float32)  # (out, in): dequant(W_q) for a quantized base
-        for a in active:
-            if a not in m.lora_A:
-                continue
-            delta = m.delta_weight(a).float()  # s B A, (out, in)
-            if a in m.lora_magnitude_vector:
-                W = dora_weight(W, delta, m.lora_magnitude_vector[a].float())
-            else:
-                W = W + delta
-        bias = getattr(m.base_layer, "bias", None)
-        lin = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=W.device, dtype=dtype)
-        lin.weight.copy_(W.to(dtype))
-        if bias is not None:
-            lin.bias.copy_(bias.to(dtype))
-        lin.requires_grad_(False)
+        m.unmerge()
+        dense = m._dense_base(torch.float32)  # (out, in): dequant(W_q) in fp32
+        m.merge(active)  # LoRA's own merge (DoRA's too), in fp32
+        lin = dense.to(dtype).requires_grad_(False)  # rounded once
         replace_module(model, path, lin)
         n += 1
     model_adapters(model).clear()
