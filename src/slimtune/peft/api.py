@@ -136,7 +136,7 @@ def combine_adapters(model: nn.Module, names: list[str], weights: list[float], m
     Raises:
         ConfigError: unknown mode or adapter, DoRA or non-LoRA adapters, a name in use, rank <= 0.
     """
-    from slimtune.peft.lora import combine
+    from slimtune.peft.combine import combine
 
     adapters = model_adapters(model)
     if new_name in adapters:
