@@ -89,3 +89,17 @@ def test_qlora_trains_over_a_quantized_base(tmp_path):
     got = [r["loss"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert len(got) == 4 and got[-1] < got[0]
     assert (Path(s["final"]) / "adapter_model.safetensors").is_file()
+
+
+def test_offloaded_checkpointing_gives_the_same_losses(tmp_path):
+    """grad_ckpt=offload (block inputs in host memory, recomputed) trains exactly as grad_ckpt=true on the CPU."""
+    model = tiny_dir(tmp_path)
+    got = {}
+    for mode in ("true", "offload"):
+        cfg = load_config(None, [f"model={model}", f"data={sample_path()}", "data_limit=16", "max_length=64",
+                                 "method=lora", "rank=4", "dropout=0.1", "targets=all-linear", "batch_size=4",
+                                 "max_steps=3", "lr=3e-3", "precision=fp32", f"grad_ckpt={mode}",
+                                 f"out_dir={tmp_path / mode}", "progress=false", "plot=false", "save_final=false"])
+        train(cfg, log=lambda m: None)
+        got[mode] = [r["loss"] for r in read_metrics(tmp_path / mode / "metrics.jsonl") if "loss" in r]
+    assert len(got["true"]) == 3 and got["true"] == got["offload"]

@@ -31,7 +31,8 @@ ADAM8_BLOCK, ADAM8_MIN = 256, 4096  # torchao / bitsandbytes: 8-bit states in bl
 @dataclass
 class EstimateInput:
     """What is predicted. cfg: the model shape. method: full | lora | qlora. precision: a policy name.
-    optimizer: adamw | adamw8bit | sgd. batch, seq: positive ints. grad_ckpt: recompute each block in backward.
+    optimizer: adamw | adamw8bit | sgd. batch, seq: positive ints. grad_ckpt: recompute each block in backward
+    (True), also with the block inputs in host memory ("offload").
     offload: None | 'activations' | 'optimizer'. lora_*: the adapters (lora / qlora). weight_dtype, grad_dtype,
     optim_state_dtype, adapter_dtype: override the policy's dtypes one by one ('bf16', 'fp32', ...; weight_dtype may
     be a quantized format for the block linears, e.g. 'nf4'). quant_format, double_quant, quant_group: the qlora base
@@ -46,7 +47,7 @@ class EstimateInput:
     optimizer: str = "adamw"
     batch: int = 1
     seq: int = 2048
-    grad_ckpt: bool = False
+    grad_ckpt: bool | str = False  # False, True (recompute), "offload" (recompute; block inputs on the host)
     offload: str | None = None
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -241,7 +242,9 @@ def _phases(e: EstimateInput, b: _Bytes, P: _Params) -> tuple[dict[str, dict[str
     g_embed = P.grads_full - g_blk * L - g_head if full else 0
     if cfg.tie_word_embeddings and full:  # the shared matrix's .grad appears at lm_head's backward
         g_head += g_embed  # (g_embed stays: the embedding's own contribution is added at the end, a transient)
-    if e.offload == "activations" and not e.grad_ckpt:
+    if e.grad_ckpt == "offload":  # block inputs wait on the host: the one in flight and the one prefetched
+        held = lambda k: min(k, 2) * N * cfg.hidden_size * b.wb  # noqa: E731
+    elif e.offload == "activations" and not e.grad_ckpt:
         held = lambda k: min(k, 2) * a_blk  # noqa: E731  the block in flight to / from host and the next one
     elif e.grad_ckpt:
         held = lambda k: k * N * cfg.hidden_size * b.wb  # noqa: E731  block inputs kept by the checkpoints
@@ -340,8 +343,9 @@ def estimate(spec: EstimateInput | ModelConfig, *args: Any, **kw: Any) -> dict:
     comps = {k: v for k, v in out.items() if k.endswith("_bytes") and k != "total_bytes"}
     out["dominant"] = max(comps, key=comps.get).removesuffix("_bytes")
     a_blk = act_detail["block_saved_bytes"]
-    out.update(static_bytes=static, host_bytes=P.host + (e.cfg.num_hidden_layers * a_blk
-                                                         if e.offload == "activations" else 0), peak_phase=peak)
+    L, Nd = e.cfg.num_hidden_layers, e.batch * e.seq * e.cfg.hidden_size * b.wb
+    host = P.host + (L * a_blk if e.offload == "activations" else 0) + (L * Nd if e.grad_ckpt == "offload" else 0)
+    out.update(static_bytes=static, host_bytes=host, peak_phase=peak)
     detail.update(act_detail, phases=totals)
     out["detail"] = detail
     return out

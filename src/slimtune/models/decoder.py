@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from slimtune.models.attention import Attention, rope_inv_freq
 from slimtune.models.cache import KVCache
 from slimtune.models.config import ModelConfig
 from slimtune.models.layers import MLP, make_norm
+from slimtune.models.recompute import HostPool, run_blocks
 
 
 class Block(nn.Module):
@@ -53,7 +53,8 @@ class Backbone(nn.Module):
 class Decoder(nn.Module):
     """A causal language model: `model` (the backbone) and `lm_head` (tied to the embeddings if the config says so).
 
-    `grad_ckpt = True` recomputes each block in backward (activation checkpointing per block).
+    `grad_ckpt`: False, True (recompute each block in backward) or "offload" (recompute, with the block inputs
+    waiting in pinned host memory); see `recompute.py`.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -63,7 +64,8 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.grad_ckpt = False
+        self.grad_ckpt: bool | str = False
+        self._host_pool = HostPool()  # pinned buffers of offloaded block inputs, reused across steps
         self._inv_freq = {"cpu": rope_inv_freq(cfg)} if not cfg.learned_positions else {}
 
     # ---- positions and masks ------------------------------------------------------------------------------------
@@ -133,11 +135,8 @@ class Decoder(nn.Module):
             x = x + self.model.embed_positions(position_ids)
         else:
             cos, sin = self.rope(position_ids, x.dtype)
-        for layer in self.model.layers:
-            if self.grad_ckpt and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache)
+        mode = self.grad_ckpt if self.training and torch.is_grad_enabled() else False
+        x = run_blocks(self.model.layers, x, cos, sin, mask, cache, mode, self._host_pool)
         if cache is not None and not cache.static:
             cache.pos += T
         return self.model.norm(x)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from slimtune.errors import ConfigError
+from slimtune.models.recompute import CKPT_MODES
 from slimtune.optim.build import OPTIMIZERS
 from slimtune.optim.schedules import SCHEDULES
 from slimtune.peft.base import DeclaredOption, declared_options
@@ -54,7 +55,8 @@ class TrainConfig:
     # ---- numerics
     precision: str = "auto"  # auto, fp32, bf16-mixed, fp16-mixed, bf16-true
     base_dtype: str = "auto"  # storage of the frozen weights: auto (16-bit under a 16-bit policy), fp32, bf16, fp16
-    grad_ckpt: bool = False  # recompute each block in backward (activation checkpointing)
+    grad_ckpt: bool | str = False  # true: recompute each block in backward; offload: also keep the block inputs in
+    # pinned host memory until their backward (the longest sequences)
     offload_activations: bool = False
     # ---- optimization
     batch_size: int = 4  # rows per micro-batch
@@ -105,6 +107,8 @@ class TrainConfig:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if len(self.betas) != 2:
             raise ConfigError(f"betas needs two numbers, e.g. [0.9, 0.999], got {self.betas}")
+        if self.grad_ckpt not in CKPT_MODES:
+            raise ConfigError(f"grad_ckpt={self.grad_ckpt!r} is not one of true, false, offload")
         if not self.data:
             raise ConfigError("no training data: set data=PATH (a .json, .jsonl or .parquet file)")
 

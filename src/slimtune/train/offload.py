@@ -20,22 +20,40 @@ def _is_weight_copy(t: Tensor) -> bool:
         type(gf.next_functions[0][0]).__name__ == "AccumulateGrad"
 
 
+class _Slot:
+    """One offloaded tensor: its host copy (and the event of that copy), the device copy once fetched back."""
+
+    __slots__ = ("index", "host", "saved", "device", "gpu", "ready", "nbytes")
+
+    def __init__(self, index: int, host: Tensor, saved, device: torch.device, nbytes: int) -> None:
+        self.index, self.host, self.saved, self.device, self.nbytes = index, host, saved, device, nbytes
+        self.gpu: Tensor | None = None
+        self.ready = None
+
+
 class offload_activations(torch.autograd.graph.saved_tensors_hooks):
     """Context manager: `with offload_activations(model): loss = loss_fn(model(x))`, then `loss.backward()`
     anywhere (the unpack hooks travel with the graph).
 
+    Backward needs the saved tensors in about the reverse order they were saved, so when it asks for one, the
+    copies back of the ones saved just before it (up to `prefetch_bytes`) are started on the side stream: the
+    transfers overlap the backward compute instead of stalling it.
+
     Args:
         model: its parameters are never offloaded (None: only nn.Parameter objects themselves are recognised).
         min_bytes: tensors smaller than this stay on the device (default 1 MiB).
+        prefetch_bytes: how much to copy back ahead of backward (default 512 MiB).
     Attributes:
         offloaded_bytes / kept_bytes: totals packed to host / left in place during this context's forward.
     """
 
-    def __init__(self, model: nn.Module | None = None, min_bytes: int = 1 << 20) -> None:
-        self.min_bytes = min_bytes
+    def __init__(self, model: nn.Module | None = None, min_bytes: int = 1 << 20,
+                 prefetch_bytes: int = 512 << 20) -> None:
+        self.min_bytes, self.prefetch_bytes = min_bytes, prefetch_bytes
         self.param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self.offloaded_bytes = self.kept_bytes = 0
+        self.slots: list[_Slot] = []
         super().__init__(self._pack, self._unpack)
 
     def _pack(self, t: Tensor):
@@ -48,22 +66,47 @@ class offload_activations(torch.autograd.graph.saved_tensors_hooks):
         if t.device.type == "cpu":  # the testable path: a real copy, the original may be freed
             host = torch.empty_like(t)
             host.copy_(t)
-            return (host, None, t.device)
-        host = torch.empty_like(t, device="cpu", pin_memory=True)  # keeps t's strides (dense tensors)
-        self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is fully written
-        with torch.cuda.stream(self.stream):
-            host.copy_(t, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(self.stream)
-        t.record_stream(self.stream)  # the allocator may reuse t's memory only once the copy is done
-        return (host, ev, t.device)
+            slot = _Slot(len(self.slots), host, None, t.device, nbytes)
+        else:
+            host = torch.empty_like(t, device="cpu", pin_memory=True)  # keeps t's strides (dense tensors)
+            self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is fully written
+            with torch.cuda.stream(self.stream):
+                host.copy_(t, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self.stream)
+            t.record_stream(self.stream)  # the allocator may reuse t's memory only once the copy is done
+            slot = _Slot(len(self.slots), host, ev, t.device, nbytes)
+        self.slots.append(slot)
+        return slot
 
-    @staticmethod
-    def _unpack(packed):
+    def _fetch(self, slot: _Slot) -> None:
+        """Start copying `slot` back to the device (once)."""
+        if slot.gpu is not None or slot.host is None:
+            return
+        if slot.saved is None:  # CPU
+            slot.gpu = slot.host
+            return
+        main = torch.cuda.current_stream(slot.device)
+        gpu = torch.empty_like(slot.host, device=slot.device)  # allocated by the main stream, written by the side
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(slot.saved)
+            gpu.copy_(slot.host, non_blocking=True)
+            slot.ready = torch.cuda.Event()
+            slot.ready.record(self.stream)
+        slot.gpu = gpu
+
+    def _unpack(self, packed):
         if isinstance(packed, Tensor):
             return packed
-        host, ev, device = packed
-        if ev is None:
-            return host
-        torch.cuda.current_stream(device).wait_event(ev)
-        return host.to(device, non_blocking=True)
+        slot: _Slot = packed
+        self._fetch(slot)
+        ahead, i = 0, slot.index - 1
+        while i >= 0 and ahead < self.prefetch_bytes:  # the ones backward will ask for next
+            self._fetch(self.slots[i])
+            ahead += self.slots[i].nbytes
+            i -= 1
+        if slot.ready is not None:
+            torch.cuda.current_stream(slot.device).wait_event(slot.ready)
+        t, slot.gpu, slot.host = slot.gpu, None, None  # the host copy goes back to the pinned-memory cache
+        return t

@@ -1,0 +1,143 @@
+"""Activation checkpointing of the decoder blocks, two ways.
+
+`grad_ckpt=True`: PyTorch's non-reentrant checkpoint; each block keeps only its input (B, T, d) on the device and
+recomputes the rest in backward. `grad_ckpt="offload"`: the block input goes to pinned host memory on a side stream as
+soon as the block's forward has produced the next one, and comes back ahead of the block's backward: while block k
+recomputes, the input of block k-1 is already being copied back (prefetch). The device then holds about two block
+inputs instead of L of them (at 128k tokens of an 8B model, 2 x 1 GiB instead of 32 GiB).
+
+The offloaded form is a reentrant checkpoint (an autograd Function whose backward reruns the block under
+`enable_grad` and calls `torch.autograd.backward` on it): the block's trainable parameters are passed in as inputs so
+that the first block, whose input needs no gradient, still gets its backward; their gradients accumulate in the
+inner backward. RNG states (dropout) and the autocast setting of the forward are replayed in the recompute, so the
+gradients equal those of the plain checkpoint (bitwise on the CPU: tests/test_models_recompute.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+CKPT_MODES = (False, True, "offload")
+
+
+class HostPool:
+    """Pinned host buffers for block inputs, one per block index, reused from step to step (allocating pinned memory
+    costs far more than copying into it). On the CPU the "host" copy is an ordinary clone."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, Tensor] = {}
+
+    def buffer(self, i: int, like: Tensor) -> Tensor:
+        b = self.buffers.get(i)
+        if b is None or b.shape != like.shape or b.dtype != like.dtype:
+            b = torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
+            self.buffers[i] = b
+        return b
+
+
+class OffloadedInputs:
+    """One forward pass's offloaded block inputs: D2H copies on a side stream, prefetching H2D copies in backward."""
+
+    def __init__(self, pool: HostPool, device: torch.device) -> None:
+        self.pool, self.device = pool, device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.host: list[Tensor] = []
+        self.saved: list[torch.cuda.Event | None] = []
+        self.fetched: dict[int, tuple[Tensor, torch.cuda.Event | None]] = {}
+
+    def offload(self, x: Tensor) -> int:
+        """Start copying block input x to host; returns its slot."""
+        i = len(self.host)
+        h = self.pool.buffer(i, x)
+        if not self.cuda:
+            h.copy_(x)
+            self.host.append(h)
+            self.saved.append(None)
+            return i
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # x is fully written
+        with torch.cuda.stream(self.stream):
+            h.copy_(x, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        x.record_stream(self.stream)  # the allocator may reuse x's memory only once the copy is done
+        self.host.append(h)
+        self.saved.append(ev)
+        return i
+
+    def _start_fetch(self, i: int) -> None:
+        if i < 0 or i in self.fetched:
+            return
+        h = self.host[i]
+        if not self.cuda:
+            self.fetched[i] = (h.clone(), None)
+            return
+        main = torch.cuda.current_stream(self.device)
+        x = torch.empty(h.shape, dtype=h.dtype, device=self.device)  # owned by the main stream
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(self.saved[i])  # the D2H copy of this slot is complete
+            x.copy_(h, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        self.fetched[i] = (x, ev)
+
+    def fetch(self, i: int) -> Tensor:
+        """Block input `i` back on the device (waiting for its copy), and the prefetch of block i-1 started."""
+        self._start_fetch(i)
+        x, ev = self.fetched.pop(i)
+        if ev is not None:
+            torch.cuda.current_stream(self.device).wait_event(ev)
+        self._start_fetch(i - 1)
+        return x
+
+
+class _OffloadedBlock(torch.autograd.Function):
+    """y = block(x, *extra) with x kept on the host; backward recomputes the block and backpropagates through it.
+
+    dL/dx and the parameter gradients come from the inner `torch.autograd.backward(y, dL/dy)` on the recomputed
+    block, exactly as a reentrant checkpoint; the parameters' own slots here get None (already accumulated)."""
+
+    @staticmethod
+    def forward(ctx, inputs: OffloadedInputs, block: nn.Module, x: Tensor, cos, sin, mask, *params: Tensor):
+        ctx.inputs, ctx.block, ctx.extra = inputs, block, (cos, sin, mask)
+        ctx.slot = inputs.offload(x)
+        ctx.x_grad = x.requires_grad
+        dev = x.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.rng = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        with torch.no_grad():
+            return block(x, cos, sin, mask)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        x = ctx.inputs.fetch(ctx.slot).detach().requires_grad_(ctx.x_grad)
+        dev, on, dtype = ctx.autocast
+        cpu_rng, cuda_rng = ctx.rng
+        devices = [x.device] if x.is_cuda else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                torch.autocast(dev, dtype=dtype, enabled=on):
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, x.device)
+            y = ctx.block(x, *ctx.extra)
+        torch.autograd.backward(y, gy)
+        n_params = len(ctx.needs_input_grad) - 6
+        return (None, None, x.grad if ctx.x_grad else None, None, None, None) + (None,) * n_params
+
+
+def run_blocks(layers: nn.ModuleList, x: Tensor, cos, sin, mask, cache, mode, pool: HostPool | None) -> Tensor:
+    """Run the decoder blocks on x (B, T, d) with checkpointing `mode` (False, True or "offload"; see the module
+    docstring) and return the last block's output."""
+    from torch.utils.checkpoint import checkpoint
+
+    offloaded = OffloadedInputs(pool, x.device) if mode == "offload" else None
+    for layer in layers:
+        if offloaded is not None:
+            params = [p for p in layer.parameters() if p.requires_grad]
+            x = _OffloadedBlock.apply(offloaded, layer, x, cos, sin, mask, *params)
+        elif mode:
+            x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+        else:
+            x = layer(x, cos, sin, mask, cache)
+    return x
