@@ -165,9 +165,6 @@ def main():
     from slimtune.checkpoint import load_model, load_tokenizer
     from slimtune.models.shapes import build_meta, get_shape
     from slimtune.models.tiny import builtin_tokenizer
-    from slimtune.peft import load_adapter, merge_and_unload
-    from slimtune.peft.targets import replace_module
-    from slimtune.serve.lora import AdapterBank, read_lora
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -192,39 +189,46 @@ def main():
         rows.append(r)
         print(json.dumps({**r, **info}), flush=True)
 
-    tmp = tempfile.TemporaryDirectory()
-    dirs = make_adapters(model, Path(tmp.name), a.adapters, a.rank)
-    names = [f"a{i}" for i in range(a.adapters)]
-    with torch.no_grad():
-        run_engine("base", model, tok, None, a, prompts, [], emit)  # (a)
-        skeleton = build_meta(model.config)
-        factors = [read_lora(skeleton, d) for d in dirs]
-        for mode in a.modes.split(","):  # (b)
-            bank = AdapterBank(model, slots=a.adapters, rank=a.rank, mode=mode)
-            for n, (f, r) in zip(names, factors):
-                bank.add(n, f, r)
-            run_engine(f"mixed-{a.adapters}/{mode}", model, tok, bank, a, prompts, names, emit)
-            for path, m in bank.layers.items():  # back to the plain base
-                replace_module(model, path, m.base_layer)
-        load_adapter(model, dirs[0], "merged")  # (c): folded into the base weights, then served plainly
-        merge_and_unload(model)
-        run_engine("merged", model, tok, None, a, prompts, [], emit)
-        if not a.no_hf:  # on the merged weights: the same shapes, so the same speed as on the base
-            hf = hf_twin(model, dev)
-            if time.perf_counter() - T0 < a.budget_s:
-                run_static("transformers", hf, a, prompts, dev, emit)
-            if time.perf_counter() - T0 < a.budget_s:
-                from peft import PeftModel
-
-                pm = PeftModel.from_pretrained(hf, dirs[0], adapter_name=names[0])
-                for n, d in zip(names[1:], dirs[1:]):
-                    pm.load_adapter(d, adapter_name=n)
-                run_static(f"peft-mixed-{a.adapters}", pm, a, prompts, dev, emit, names)
-            else:
-                print(json.dumps({"skipped": "transformers / peft: past --budget-s"}))
-    tmp.cleanup()
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        run_cases(model, tok, a, prompts, make_adapters(model, Path(tmp), a.adapters, a.rank), dev, emit, T0)
     print(f"\ntotal {time.perf_counter() - T0:.0f} s; {json.dumps(info)}\n")
     print(table(rows))
+
+
+def run_cases(model, tok, a, prompts, dirs, dev, emit, T0) -> None:
+    """(a) base, (b) mixed adapters in each LoRA mode, (c) merged; then transformers and PEFT if time is left."""
+    from slimtune.models.shapes import build_meta
+    from slimtune.peft import load_adapter, merge_and_unload
+    from slimtune.peft.targets import replace_module
+    from slimtune.serve.lora import AdapterBank, read_lora
+
+    names = [f"a{i}" for i in range(a.adapters)]
+    run_engine("base", model, tok, None, a, prompts, [], emit)  # (a)
+    skeleton = build_meta(model.config)
+    factors = [read_lora(skeleton, d) for d in dirs]
+    for mode in a.modes.split(","):  # (b)
+        bank = AdapterBank(model, slots=a.adapters, rank=a.rank, mode=mode)
+        for n, (f, r) in zip(names, factors):
+            bank.add(n, f, r)
+        run_engine(f"mixed-{a.adapters}/{mode}", model, tok, bank, a, prompts, names, emit)
+        for path, m in bank.layers.items():  # back to the plain base
+            replace_module(model, path, m.base_layer)
+    load_adapter(model, dirs[0], "merged")  # (c): folded into the base weights, then served plainly
+    merge_and_unload(model)
+    run_engine("merged", model, tok, None, a, prompts, [], emit)
+    if not a.no_hf:  # on the merged weights: the same shapes, so the same speed as on the base
+        hf = hf_twin(model, dev)
+        if time.perf_counter() - T0 < a.budget_s:
+            run_static("transformers", hf, a, prompts, dev, emit)
+        if time.perf_counter() - T0 < a.budget_s:
+            from peft import PeftModel
+
+            pm = PeftModel.from_pretrained(hf, dirs[0], adapter_name=names[0])
+            for n, d in zip(names[1:], dirs[1:]):
+                pm.load_adapter(d, adapter_name=n)
+            run_static(f"peft-mixed-{a.adapters}", pm, a, prompts, dev, emit, names)
+        else:
+            print(json.dumps({"skipped": "transformers / peft: past --budget-s"}))
 
 
 if __name__ == "__main__":

@@ -112,6 +112,19 @@ def test_stop_strings_seed_and_n(srv):
     assert three[0] == sample(7)[0] and len(set(three)) == 3
 
 
+def test_stop_token_ids_end_the_text_and_release_what_was_held_back(srv):
+    client = srv.client()
+    kw = {"model": "a1", "prompt": "hold", "temperature": 0, "max_tokens": 30}
+    ids = ids_of(client.completions.create(**kw, extra_body={"return_token_ids": True, "ignore_eos": True}).choices[0])
+    k = next(k for k in range(3, 30) if ids[k] not in ids[:k] and not text_of(ids[:k]).endswith("\ufffd"))
+    text = text_of(ids[:k])
+    # a stop string whose first character ends the text so far is held back, then the stop token ends the text
+    r = client.completions.create(**kw, stop=[text[-1] + "\x01\x02"], extra_body={
+        "return_token_ids": True, "ignore_eos": True, "stop_token_ids": [ids[k]]})
+    assert r.choices[0].text == text and ids_of(r.choices[0]) == ids[:k + 1]
+    assert r.choices[0].finish_reason == "stop"
+
+
 BAD = [  # (route, body (dict or raw bytes), status, code)
     ("completions", b'{"model": "builtin", "prompt": "hi"', 400, "invalid_json"),
     ("completions", b'[1, 2]', 400, "invalid_json"),
@@ -130,6 +143,7 @@ BAD = [  # (route, body (dict or raw bytes), status, code)
     ("completions", {"model": "builtin", "prompt": "hi", "presence_penalty": 0.5}, 400, "unsupported_parameter"),
     ("completions", {"model": "builtin", "prompt": []}, 400, "invalid_value"),
     ("completions", {"model": "builtin", "prompt": [99999]}, 400, "invalid_value"),
+    ("completions", {"model": "builtin", "prompt": "hi", "stop_token_ids": [-1]}, 400, "invalid_value"),
     ("completions", {"model": "builtin"}, 400, "invalid_value"),
     ("chat/completions", {"model": "a0", "messages": []}, 400, "invalid_value"),
     ("chat/completions", {"model": "a0", "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_value"),

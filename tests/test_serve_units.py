@@ -9,8 +9,10 @@ import pytest
 import torch
 from serve_helpers import make_adapters, reference_ids
 
-from slimtune.generate import SamplingConfig, process_logits
+from slimtune.checkpoint import load_model
+from slimtune.generate import SamplingConfig, generate, process_logits
 from slimtune.models.tiny import builtin_model, builtin_tokenizer
+from slimtune.peft import apply_method, load_adapter, save_adapter
 from slimtune.peft.lora import LoraLinear
 from slimtune.serve.build import ServeOptions, build
 from slimtune.serve.detok import TextStream
@@ -150,6 +152,31 @@ def test_engine_on_scrambled_pages_with_padding_equals_generate(tmp_path):
     st = engine.status()
     assert st["running"] == 0 and st["free_pages"] == st["total_pages"] and st["max_rows"] == 5
     engine.stop()
+
+
+def test_each_architecture_with_an_adapter_equals_generate(hf_folder):
+    """Llama 2 / 3, Mistral (sliding window 8, shorter than the sequences), Qwen2 (biases), Qwen3 (q/k norms)."""
+    arch, folder, _ = hf_folder
+    TOK.save_pretrained(folder)
+    model, _ = load_model(folder)
+    apply_method(model, {"method": "lora", "r": 4, "target_modules": "all-linear", "init_lora_weights": False}, "x")
+    adapter = str(save_adapter(model, folder / "x", "x"))
+    served = build(ServeOptions(str(folder), adapters={"x": adapter}, max_batch=4, max_len=64, page_size=4))
+    prompts = torch.randint(3, 264, (2, 12)).tolist()
+    outs, done = [[] for _ in range(4)], threading.Semaphore(0)
+    reqs = [GenRequest(p, 16, lambda o, i=2 * j + a: (outs[i].extend(o.token_ids), o.finish_reason and done.release()),
+                       ad, ignore_eos=True) for j, p in enumerate(prompts) for a, ad in enumerate([None, "x"])]
+    served.engine.submit(reqs)
+    for _ in reqs:
+        assert done.acquire(timeout=30)
+    served.engine.stop()
+    for j, p in enumerate(prompts):
+        for a, with_adapter in enumerate([False, True]):
+            ref, _ = load_model(folder)
+            if with_adapter:
+                load_adapter(ref, adapter)
+            sc = SamplingConfig(max_new_tokens=16, stop_token_ids=[])
+            assert outs[2 * j + a] == generate(ref, torch.tensor([p]), sc=sc)[0].tolist(), (arch, j, a)
 
 
 def test_a_failing_step_fails_its_requests_not_the_engine(monkeypatch):

@@ -67,12 +67,15 @@ class Generation:
                 seed = p.seed + j if p.seed is not None else None
                 self.reqs.append(GenRequest(ids, mt, lambda out, i=i: loop.call_soon_threadsafe(
                     self.queue.put_nowait, (i, out)), adapter, RowSampling(p.temperature, p.top_p, p.top_k, seed),
-                    p.stop, p.ignore_eos))
+                    p.stop, p.stop_token_ids, p.ignore_eos))
         self.open = set(range(len(self.reqs)))
         self.prompt_tokens = sum(len(x) for x in prompts)
         self.completion_tokens = 0
 
     def submit(self) -> None:
+        if len(self.reqs) > self.served.engine.max_queue:
+            raise ApiError(400, f"the request asks for {len(self.reqs)} sequences (prompts x n); this server queues "
+                                f"at most {self.served.engine.max_queue}", param="n", code="invalid_value")
         try:
             self.served.engine.submit(self.reqs)
         except Overloaded as e:
@@ -169,14 +172,89 @@ async def stream(g: Generation):
         g.cancel()
 
 
+class Handlers:
+    """The route handlers over one `Served` (each raises ApiError for a request it refuses)."""
+
+    def __init__(self, served: Served) -> None:
+        self.served, self.engine = served, served.engine
+
+    async def generate(self, request, chat: bool):
+        from starlette.responses import StreamingResponse
+
+        served = self.served
+        body = parse_json(await request.body())
+        model = get_model(body, served.model_names())
+        p = parse_params(body, ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",),
+                         served.vocab_size)
+        prompts = [chat_prompt(body, served.tokenizer)] if chat else \
+            completion_prompts(body, served.tokenizer, served.vocab_size)
+        default = None if chat else COMPLETION_DEFAULT_MAX_TOKENS
+        maxes = [fit_context(len(x), p, default, self.engine.max_len) for x in prompts]
+        g = Generation(served, chat, model, prompts, p, maxes)
+        g.submit()
+        if p.stream:
+            return StreamingResponse(stream(g), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await collect(request, g)
+
+    async def completions(self, request):
+        return await self.generate(request, chat=False)
+
+    async def chat(self, request):
+        return await self.generate(request, chat=True)
+
+    async def models(self, request):
+        s = self.served
+        data = [{"id": n, "object": "model", "created": s.created, "owned_by": "slimtune",
+                 "root": s.paths.get(n, s.base_name), "parent": None if n == s.base_name else s.base_name}
+                for n in s.model_names()]
+        return _json_response({"object": "list", "data": data})
+
+    async def add_adapter(self, request):
+        bank = self.engine.bank
+        if bank is None:
+            raise ApiError(400, "this server serves a merged model; start it without --merge to load adapters",
+                           code="adapters_disabled")
+        body = parse_json(await request.body())
+        name, path = body.get("name", body.get("lora_name")), body.get("path", body.get("lora_path"))
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or name == self.served.base_name:
+            raise ApiError(400, "`name` must be 1-128 letters, digits or ._:@+- (and not the base model's name)",
+                           param="name", code="invalid_value")
+        if not isinstance(path, str) or not path:
+            raise ApiError(400, "`path` must be the server-side folder of a PEFT LoRA adapter", param="path",
+                           code="invalid_value")
+        if name in bank.names:
+            raise ApiError(409, f"an adapter named {name!r} is already loaded; DELETE it first", param="name",
+                           code="adapter_exists")
+        try:  # read and check the files off the event loop; only the copy into the bank runs in the engine
+            factors, rank = await asyncio.to_thread(read_lora, self.served.skeleton, path)
+            await asyncio.wrap_future(self.engine.load_adapter(name, factors, rank))
+        except SlimtuneError as e:
+            raise ApiError(400, str(e), param="path", code="invalid_adapter") from None
+        self.served.paths[name] = path
+        return _json_response({"id": name, "object": "model", "root": path, "parent": self.served.base_name})
+
+    async def delete_adapter(self, request):
+        name = request.path_params["name"]
+        if self.engine.bank is None or name not in self.engine.bank.names:
+            raise ApiError(404, f"no adapter named {name!r} is loaded", param="name", code="model_not_found")
+        await asyncio.wrap_future(self.engine.unload_adapter(name))
+        self.served.paths.pop(name, None)
+        return _json_response({"id": name, "object": "model", "deleted": True})
+
+    async def health(self, request):
+        return _json_response({"status": "ok"})
+
+    async def stats(self, request):
+        return _json_response(self.engine.status())
+
+
 def create_app(served: Served, api_key: str | None = None):
     """The Starlette application serving `served`; with `api_key`, requests need 'Authorization: Bearer <key>'."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.responses import StreamingResponse
     from starlette.routing import Route
 
-    engine = served.engine
+    h = Handlers(served)
 
     def route(path: str, methods: list[str], fn, auth: bool = True) -> Route:
         async def endpoint(request):
@@ -189,63 +267,6 @@ def create_app(served: Served, api_key: str | None = None):
                 return _error(e)
         return Route(path, endpoint, methods=methods)
 
-    async def generate(request, chat: bool):
-        body = parse_json(await request.body())
-        model = get_model(body, served.model_names())
-        p = parse_params(body, ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",))
-        prompts = [chat_prompt(body, served.tokenizer)] if chat else \
-            completion_prompts(body, served.tokenizer, served.vocab_size)
-        default = None if chat else COMPLETION_DEFAULT_MAX_TOKENS
-        maxes = [fit_context(len(x), p, default, engine.max_len) for x in prompts]
-        g = Generation(served, chat, model, prompts, p, maxes)
-        g.submit()
-        if p.stream:
-            return StreamingResponse(stream(g), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await collect(request, g)
-
-    async def models(request):
-        data = [{"id": n, "object": "model", "created": served.created, "owned_by": "slimtune",
-                 "root": served.paths.get(n, served.base_name), "parent": None if n == served.base_name
-                 else served.base_name} for n in served.model_names()]
-        return _json_response({"object": "list", "data": data})
-
-    async def add_adapter(request):
-        if engine.bank is None:
-            raise ApiError(400, "this server serves a merged model; start it without --merge to load adapters",
-                           code="adapters_disabled")
-        body = parse_json(await request.body())
-        name, path = body.get("name", body.get("lora_name")), body.get("path", body.get("lora_path"))
-        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or name == served.base_name:
-            raise ApiError(400, "`name` must be 1-128 letters, digits or ._:@+- (and not the base model's name)",
-                           param="name", code="invalid_value")
-        if not isinstance(path, str) or not path:
-            raise ApiError(400, "`path` must be the server-side folder of a PEFT LoRA adapter", param="path",
-                           code="invalid_value")
-        if name in engine.bank.names:
-            raise ApiError(409, f"an adapter named {name!r} is already loaded; DELETE it first", param="name",
-                           code="adapter_exists")
-        try:
-            factors, rank = await asyncio.to_thread(read_lora, served.skeleton, path)
-            await asyncio.wrap_future(engine.load_adapter(name, factors, rank))
-        except SlimtuneError as e:
-            raise ApiError(400, str(e), param="path", code="invalid_adapter") from None
-        served.paths[name] = path
-        return _json_response({"id": name, "object": "model", "root": path, "parent": served.base_name})
-
-    async def delete_adapter(request):
-        name = request.path_params["name"]
-        if engine.bank is None or name not in engine.bank.names:
-            raise ApiError(404, f"no adapter named {name!r} is loaded", param="name", code="model_not_found")
-        await asyncio.wrap_future(engine.unload_adapter(name))
-        served.paths.pop(name, None)
-        return _json_response({"id": name, "object": "model", "deleted": True})
-
-    async def health(request):
-        return _json_response({"status": "ok"})
-
-    async def stats(request):
-        return _json_response(engine.status())
-
     async def http_error(request, exc: HTTPException):
         return _error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                                code="not_found" if exc.status_code == 404 else "invalid_request"))
@@ -253,11 +274,8 @@ def create_app(served: Served, api_key: str | None = None):
     async def server_error(request, exc: Exception):
         return _error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
-    routes = [route("/v1/models", ["GET"], models),
-              route("/v1/completions", ["POST"], lambda r: generate(r, False)),
-              route("/v1/chat/completions", ["POST"], lambda r: generate(r, True)),
-              route("/v1/adapters", ["POST"], add_adapter),
-              route("/v1/adapters/{name}", ["DELETE"], delete_adapter),
-              route("/health", ["GET"], health, auth=False),
-              route("/stats", ["GET"], stats)]
+    routes = [route("/v1/models", ["GET"], h.models), route("/v1/completions", ["POST"], h.completions),
+              route("/v1/chat/completions", ["POST"], h.chat), route("/v1/adapters", ["POST"], h.add_adapter),
+              route("/v1/adapters/{name}", ["DELETE"], h.delete_adapter), route("/health", ["GET"], h.health, False),
+              route("/stats", ["GET"], h.stats)]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})

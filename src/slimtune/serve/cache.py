@@ -50,6 +50,7 @@ class PagedKVCache:
     def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, max_rows: int, max_len: int,
                  device: torch.device | str, dtype: torch.dtype) -> None:
         self.page_size, self.max_rows, self.max_len = page_size, max_rows, max_len
+        self.window = cfg.sliding_window  # Mistral-style: a query sees the last `window` positions only
         self.max_pages = pages_for(max_len, page_size)
         shape = (num_pages * page_size, cfg.num_key_value_heads, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
@@ -91,8 +92,11 @@ class PagedKVCache:
         P = self.page_size
         pages = self.table[rows, :S // P]  # (B, S/P)
         read = (pages[:, :, None] * P + torch.arange(P, device=self.device)).reshape(len(rows), S)
-        mask = (torch.arange(S, device=self.device)[None] <= pos[:, None]).long()
-        return self.flat(rows, pos), read, mask
+        s = torch.arange(S, device=self.device)[None]
+        mask = s <= pos[:, None]
+        if self.window is not None:
+            mask = mask & (s > pos[:, None] - self.window)
+        return self.flat(rows, pos), read, mask.long()
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         B, H, T, D = k.shape

@@ -49,7 +49,8 @@ class GenRequest:
     adapter: str | None = None  # None: the base model (or the merged one)
     sampling: RowSampling = field(default_factory=RowSampling)  # its seed: None draws a random one
     stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the model's end-of-sequence ids
+    ignore_eos: bool = False  # the model's end-of-sequence ids do not stop it (stop_token_ids still do)
     cancelled: bool = False
 
 
@@ -183,11 +184,10 @@ class Engine:
         new: list[_Row] = []
         P = self.cache.page_size
         with self.cv:
+            if any(r.cancelled for r in self.waiting):  # clients that left while waiting
+                self.waiting = deque(r for r in self.waiting if not r.cancelled)
             while self.waiting and self.free_rows:
                 req = self.waiting[0]
-                if req.cancelled:
-                    self.waiting.popleft()
-                    continue
                 pages = self.cache.pool.alloc(pages_for(len(req.prompt) + req.max_tokens - 1, P))
                 if pages is None:
                     break  # first come, first served: wait for pages to free up
@@ -240,8 +240,9 @@ class Engine:
         """Account for a new token of row r: stream its text, or finish the row."""
         r.n, r.last = r.n + 1, t
         self.stats["tokens"] += 1
-        if t in self.stop_ids and not r.req.ignore_eos:
-            return self._finish(r, "stop", tokens=[t])
+        if (t in self.stop_ids and not r.req.ignore_eos) or t in r.req.stop_token_ids:
+            # the text held back for a stop string that never came goes out with the end
+            return self._finish(r, "stop", r.text.flush(), [t])
         piece, hit = r.text.add(t)
         if hit:
             return self._finish(r, "stop", piece, [t])

@@ -14,7 +14,7 @@ MAX_STOP = 16  # stop strings (OpenAI allows 4)
 # fields the server refuses unless they hold their neutral value (it would otherwise silently ignore them)
 UNSUPPORTED = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "repetition_penalty": (1, 1.0),
                "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "best_of": (1,), "echo": (False,),
-               "suffix": ("",), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
+               "suffix": ("",), "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"),
                "response_format": ({"type": "text"},)}
 
 
@@ -98,9 +98,10 @@ class Params:
     include_usage: bool = False
     return_token_ids: bool = False  # vLLM's extension: token ids in each choice
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever comes
+    stop_token_ids: list[int] = field(default_factory=list)  # vLLM's extension: more tokens that end the text
 
 
-def parse_params(body: dict, max_tokens_keys: tuple[str, ...]) -> Params:
+def parse_params(body: dict, max_tokens_keys: tuple[str, ...], vocab: int) -> Params:
     """Sampling and output settings; the first of `max_tokens_keys` present sets max_tokens (None if none is).
 
     Raises:
@@ -122,12 +123,17 @@ def parse_params(body: dict, max_tokens_keys: tuple[str, ...]) -> Params:
     if opts is not None and not isinstance(opts, dict):
         raise _bad("stream_options", "must be an object")
     top_k = get_int(body, "top_k", 0, -1, 1 << 31)
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or len(stop_ids) > MAX_STOP or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stop_ids):
+        raise _bad("stop_token_ids", f"must be a list of at most {MAX_STOP} token ids in [0, {vocab})")
     return Params(max_tokens=max_tokens, temperature=get_number(body, "temperature", 1.0, 0.0, 2.0),
                   top_p=get_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), top_k=max(top_k, 0),
                   seed=get_int(body, "seed", None, -(1 << 63), (1 << 63) - 1), n=get_int(body, "n", 1, 1, MAX_N),
                   stop=stop, stream=get_bool(body, "stream"),
                   include_usage=get_bool(opts or {}, "include_usage"),
-                  return_token_ids=get_bool(body, "return_token_ids"), ignore_eos=get_bool(body, "ignore_eos"))
+                  return_token_ids=get_bool(body, "return_token_ids"), ignore_eos=get_bool(body, "ignore_eos"),
+                  stop_token_ids=stop_ids)
 
 
 def get_model(body: dict, names: list[str]) -> str:
