@@ -128,6 +128,16 @@ def run_static(case: str, gen, a, prompts, dev, emit, names=None) -> None:
               "tokens_per_s": round(c * a.new / dt, 1), "p50_s": round(dt, 3), "p99_s": round(dt, 3)})
 
 
+def run_peft(hf, dirs: list[str], names: list[str], a, prompts, dev, emit) -> None:
+    """PEFT's mixed-batch generate: the adapters loaded by PEFT onto the transformers model."""
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(hf, dirs[0], adapter_name=names[0])
+    for n, d in zip(names[1:], dirs[1:]):
+        pm.load_adapter(d, adapter_name=n)
+    run_static(f"peft-mixed-{len(names)}", pm, a, prompts, dev, emit, names)
+
+
 def table(rows: list[dict]) -> str:
     cases = list(dict.fromkeys(r["case"] for r in rows if "tokens_per_s" in r))
     get = {(r["case"], r["concurrency"]): r for r in rows if "tokens_per_s" in r}
@@ -202,31 +212,33 @@ def run_cases(model, tok, a, prompts, dirs, dev, emit, T0) -> None:
     from slimtune.peft.targets import replace_module
     from slimtune.serve.lora import AdapterBank, read_lora
 
+    def attempt(case: str, fn) -> None:  # a failing case is reported and the others still run
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            emit({"case": case, "concurrency": 0, "error": f"{type(e).__name__}: {e}"})
+
     names = [f"a{i}" for i in range(a.adapters)]
-    run_engine("base", model, tok, None, a, prompts, [], emit)  # (a)
+    attempt("base", lambda: run_engine("base", model, tok, None, a, prompts, [], emit))  # (a)
     skeleton = build_meta(model.config)
     factors = [read_lora(skeleton, d) for d in dirs]
     for mode in a.modes.split(","):  # (b)
         bank = AdapterBank(model, slots=a.adapters, rank=a.rank, mode=mode)
         for n, (f, r) in zip(names, factors):
             bank.add(n, f, r)
-        run_engine(f"mixed-{a.adapters}/{mode}", model, tok, bank, a, prompts, names, emit)
+        case = f"mixed-{a.adapters}/{mode}"
+        attempt(case, lambda case=case, bank=bank: run_engine(case, model, tok, bank, a, prompts, names, emit))
         for path, m in bank.layers.items():  # back to the plain base
             replace_module(model, path, m.base_layer)
     load_adapter(model, dirs[0], "merged")  # (c): folded into the base weights, then served plainly
     merge_and_unload(model)
-    run_engine("merged", model, tok, None, a, prompts, [], emit)
+    attempt("merged", lambda: run_engine("merged", model, tok, None, a, prompts, [], emit))
     if not a.no_hf:  # on the merged weights: the same shapes, so the same speed as on the base
         hf = hf_twin(model, dev)
         if time.perf_counter() - T0 < a.budget_s:
-            run_static("transformers", hf, a, prompts, dev, emit)
+            attempt("transformers", lambda: run_static("transformers", hf, a, prompts, dev, emit))
         if time.perf_counter() - T0 < a.budget_s:
-            from peft import PeftModel
-
-            pm = PeftModel.from_pretrained(hf, dirs[0], adapter_name=names[0])
-            for n, d in zip(names[1:], dirs[1:]):
-                pm.load_adapter(d, adapter_name=n)
-            run_static(f"peft-mixed-{a.adapters}", pm, a, prompts, dev, emit, names)
+            attempt(f"peft-mixed-{a.adapters}", lambda: run_peft(hf, dirs, names, a, prompts, dev, emit))
         else:
             print(json.dumps({"skipped": "transformers / peft: past --budget-s"}))
 

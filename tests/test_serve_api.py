@@ -112,6 +112,16 @@ def test_stop_strings_seed_and_n(srv):
     assert three[0] == sample(7)[0] and len(set(three)) == 3
 
 
+def test_prompt_lists_and_token_ids(srv):
+    client = srv.client()
+    one = [client.completions.create(model="a0", prompt=p, max_tokens=6, temperature=0).choices[0].text
+           for p in ("abc", "xyz")]
+    both = client.completions.create(model="a0", prompt=["abc", "xyz"], max_tokens=6, temperature=0)
+    assert [c.index for c in both.choices] == [0, 1] and [c.text for c in both.choices] == one
+    ids = client.completions.create(model="a0", prompt=TOK("abc")["input_ids"], max_tokens=6, temperature=0)
+    assert ids.choices[0].text == one[0] and both.usage.prompt_tokens == 6
+
+
 def test_stop_token_ids_end_the_text_and_release_what_was_held_back(srv):
     client = srv.client()
     kw = {"model": "a1", "prompt": "hold", "temperature": 0, "max_tokens": 30}

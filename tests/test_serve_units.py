@@ -59,12 +59,12 @@ def test_gathered_lora_matches_a_per_row_loop():
     A[0], B[0] = 0, 0  # slot 0: the base
     A[2, 3:], B[2, 3:] = 0, 0  # a rank-3 adapter padded to 5
     ids = torch.tensor([0, 1, 2, 3, 2, 1, 0])
-    x = torch.randn(N, T, d_in)
-    ref = torch.stack([x[n].double() @ A[ids[n]].double().T @ B[ids[n]].double() for n in range(N)])
+    x, y = torch.randn(N, T, d_in), torch.randn(N, T, d_out)
+    ref = torch.stack([y[n].double() + x[n].double() @ A[ids[n]].double().T @ B[ids[n]].double() for n in range(N)])
     ctx = LoraContext(S, r)
     ctx.begin(ids)
-    assert torch.allclose(lora_dense(x, ctx.own(), A, B).double(), ref, atol=1e-5)
-    assert torch.allclose(lora_gather(x, ids, A, B).double(), ref, atol=1e-5)
+    assert torch.allclose(lora_dense(x, ctx.own(), A, B, y).double(), ref, atol=1e-5)
+    assert torch.allclose(lora_gather(x, ids, A, B, y).double(), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["dense", "gather"])

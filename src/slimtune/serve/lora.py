@@ -21,22 +21,23 @@ DENSE_MAX_SLOTS = 32  # auto: dense while slots <= this (its flops grow with the
 Factors = dict[str, tuple[Tensor, Tensor, float]]  # module path -> (A (r, in), B (out, r), scale)
 
 
-def lora_dense(x: Tensor, own: Tensor, A: Tensor, B: Tensor) -> Tensor:
-    """sum over slots s of [row's slot == s] * (x A_s^T) B_s^T, with every slot computed and the others masked.
+def lora_dense(x: Tensor, own: Tensor, A: Tensor, B: Tensor, y: Tensor) -> Tensor:
+    """y + sum over slots s of [row's slot == s] * (x A_s^T) B_s, every slot computed and the others masked off.
 
     Args:
-        x: (N, T, in); own: (N, S*r) bool, True on the r columns of the row's slot; A: (S, r, in); B: (S, r, out).
+        x: (N, T, in); own: (N, S*r) bool, True on the r columns of the row's slot; A: (S, r, in); B: (S, r, out);
+        y: (N, T, out), the base output (added by the second matmul, no separate kernel).
     Returns:
         (N, T, out).
     """
     S, r, _ = A.shape
-    xa = x @ A.reshape(S * r, -1).T  # (N, T, S*r): every row through every adapter's A
-    return xa.masked_fill(~own[:, None, :], 0) @ B.reshape(S * r, -1)
+    xa = (x @ A.reshape(S * r, -1).T).masked_fill_(~own[:, None, :], 0)  # (N, T, S*r): x through every A
+    return torch.addmm(y.reshape(-1, B.shape[2]), xa.reshape(-1, S * r), B.reshape(S * r, -1)).view(y.shape)
 
 
-def lora_gather(x: Tensor, ids: Tensor, A: Tensor, B: Tensor) -> Tensor:
-    """(x A_{ids}^T) B_{ids}^T with each row's factors gathered: x (N, T, in), ids (N,) -> (N, T, out)."""
-    return torch.bmm(torch.bmm(x, A[ids].transpose(1, 2)), B[ids])  # (N, T, r) then (N, T, out)
+def lora_gather(x: Tensor, ids: Tensor, A: Tensor, B: Tensor, y: Tensor) -> Tensor:
+    """y + (x A_{ids}^T) B_{ids} with each row's factors gathered: x (N, T, in), ids (N,), y (N, T, out)."""
+    return torch.baddbmm(y, torch.bmm(x, A[ids].transpose(1, 2)), B[ids])  # (N, T, r), then (N, T, out)
 
 
 class LoraContext:
@@ -97,13 +98,14 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
-        ids = self.ctx.ids
-        x3 = x.reshape(ids.shape[0], -1, self.in_features).to(self.A.dtype)  # (N rows, T, in)
+        ids, dt = self.ctx.ids, self.A.dtype
+        x3 = x.reshape(ids.shape[0], -1, self.in_features).to(dt)  # (N rows, T, in)
+        y3 = y.reshape(ids.shape[0], -1, self.out_features).to(dt)
         if self.ctx.dense:
-            d = lora_dense(x3, self.ctx.own(), self.A, self.B)
+            out = lora_dense(x3, self.ctx.own(), self.A, self.B, y3)
         else:
-            d = lora_gather(x3, ids, self.A, self.B)
-        return y + d.reshape(y.shape).to(y.dtype)
+            out = lora_gather(x3, ids, self.A, self.B, y3)
+        return out.reshape(y.shape).to(y.dtype)
 
 
 def read_lora(skeleton: nn.Module, folder: str | Path) -> tuple[Factors, int]:
