@@ -163,7 +163,11 @@ class Engine:
                         fut.set_result(fn())
                     except Exception as e:  # noqa: BLE001 - handed to the caller
                         fut.set_exception(e)
-                self._step()
+                try:
+                    self._step()
+                except Exception:  # the last line of defence: the thread must keep serving
+                    log.exception("engine step failed")
+                    self.stats["errors"] += 1
 
     def _step(self) -> None:
         for r in [r for r in self.rows.values() if r.req.cancelled]:

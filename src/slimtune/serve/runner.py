@@ -41,7 +41,7 @@ class DecodeGraph:
                 runner.forward_decode(**self.bufs)
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):  # HTTP threads run on
             self.out = runner.forward_decode(**self.bufs)
 
     def __call__(self, **inputs: Tensor) -> Tensor:
