@@ -203,6 +203,20 @@ def test_a_failing_step_fails_its_requests_not_the_engine(monkeypatch):
     engine.stop()
 
 
+def test_a_request_whose_adapter_was_unloaded_while_it_waited_gets_404(tmp_path):
+    ads = make_adapters(tmp_path, ("a0",))
+    engine = build(ServeOptions("builtin", adapters=ads, max_len=64)).engine
+    got = threading.Event()
+    outs = []
+    queued = threading.Event()
+    unload = engine.call(lambda: (queued.wait(10), engine.bank.remove("a0")))  # after the request is queued
+    engine.submit([GenRequest(TOK("x")["input_ids"], 4, lambda o: (outs.append(o), got.set()), "a0")])
+    queued.set()
+    unload.result(10)
+    assert got.wait(10) and outs[0].finish_reason == "error" and outs[0].status == 404
+    engine.stop()
+
+
 def test_buckets():
     assert [bucket(n, 100) for n in (1, 2, 3, 4, 5, 7, 9, 13, 17, 33)] == [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]
     assert bucket(300, 256) == 256

@@ -115,7 +115,9 @@ class Generation:
 
 
 def _failed(out: Output) -> ApiError:
-    return ApiError(500, out.error or "generation failed", code="generation_failed", type="server_error")
+    if out.status == 404:
+        return ApiError(404, out.error or "no such model", param="model", code="model_not_found")
+    return ApiError(out.status, out.error or "generation failed", code="generation_failed", type="server_error")
 
 
 async def collect(request, g: Generation):

@@ -38,6 +38,7 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    status: int = 500  # the HTTP status of an error (404: the adapter was unloaded meanwhile)
 
 
 @dataclass
@@ -200,7 +201,7 @@ class Engine:
                     slot = self.bank.acquire(req.adapter) if self.bank is not None else 0
                 except ConfigError as e:
                     self.cache.pool.release(pages)
-                    self._send(req, Output("", [], "error", error=str(e)))
+                    self._send(req, Output("", [], "error", error=str(e), status=404))
                     continue
                 row = self.free_rows.pop()
                 self.cache.assign(row, pages)
