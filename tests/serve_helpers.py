@@ -36,15 +36,15 @@ def make_adapters(folder: Path, names=("a0", "a1", "a2")) -> dict[str, str]:
 
 
 @functools.cache
-def _base(quantize: str | None):
-    return load_model("builtin", quantize=quantize)[0]
+def _base(quantize: str | None, device: str):
+    return load_model("builtin", quantize=quantize, device=device)[0]
 
 
 def reference_ids(prompt_ids: list[int], max_new: int, adapter: str | None = None, quantize: str | None = None,
-                  merge: bool = False, ignore_eos: bool = False) -> list[int]:
+                  merge: bool = False, ignore_eos: bool = False, device: str = "cpu") -> list[int]:
     """Greedy ids from `slimtune.generate.generate` on the tiny model with the adapter loaded as `slimtune generate
     --adapter` loads it (merged first with merge=True), cut after the first stop token unless ignore_eos."""
-    model = copy.deepcopy(_base(quantize))
+    model = copy.deepcopy(_base(quantize, device))
     cfg = model.config
     if adapter:
         load_adapter(model, adapter)
@@ -55,7 +55,7 @@ def reference_ids(prompt_ids: list[int], max_new: int, adapter: str | None = Non
         elif merge:
             merge_and_unload(model)
     sc = SamplingConfig(max_new_tokens=max_new, stop_token_ids=[] if ignore_eos else None)
-    out = generate(model, torch.tensor([prompt_ids]), sc=sc)[0].tolist()
+    out = generate(model, torch.tensor([prompt_ids], device=device), sc=sc)[0].tolist()
     stop = None if ignore_eos else next((i for i, t in enumerate(out) if t in cfg.eos_ids), None)
     return out if stop is None else out[:stop + 1]
 
