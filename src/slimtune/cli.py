@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "memory": "slimtune.commands.memory",
     "plan": "slimtune.commands.plan",
     "quantize": "slimtune.commands.quantize",
+    "serve": "slimtune.commands.serve",
 }
 
 

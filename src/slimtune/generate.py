@@ -155,6 +155,13 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, sc:
     return torch.stack(out, 1)
 
 
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` ([{'role', 'content'}, ...]) through the tokenizer's chat template, ending with the
+    assistant's generation prompt."""
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc)
+
+
 def encode_prompts(tokenizer, prompts: list[str], chat: bool, system: str | None = None) -> list[list[int]]:
     """Token ids of each prompt: through the tokenizer's chat template with chat=True, plain text otherwise."""
     ids = []
@@ -163,8 +170,7 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool, system: str | None
             if not getattr(tokenizer, "chat_template", None):
                 raise SlimtuneError("--chat needs a tokenizer with a chat template; this one has none (drop --chat)")
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-            enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            ids.append(list(enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc))
+            ids.append(chat_ids(tokenizer, msgs))
         else:
             ids.append(tokenizer(p)["input_ids"])
     return ids

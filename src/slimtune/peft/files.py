@@ -130,28 +130,22 @@ def _file_shapes(f: Path) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", activate: bool = True) -> str:
-    """Read a PEFT adapter folder into `model` as adapter `adapter_name` (made active unless `activate=False`).
+def check_adapter(model: nn.Module, path: str | Path) -> tuple[str, MethodConfig, Path]:
+    """Check an adapter folder against `model` without touching it: every tensor name and shape in the weights file
+    against what the method would create (methods without `shapes` are checked only when loaded).
 
-    Every tensor name and shape is checked against what the method would create on this model before the model is
-    touched. Nothing is frozen or unfrozen.
     Returns:
-        the adapter name.
+        (method name, config, weights file).
     Raises:
         CheckpointError: missing or malformed files; the adapter does not fit this model (names the first
             mismatching tensor and both shapes, or the missing module).
-        ConfigError: `adapter_name` already in use.
     """
-    from safetensors.torch import load_file
-
     method, cfg, _ = read_adapter_config(path)
     folder = Path(path)
     wfile = folder / WEIGHTS_NAME
     if not wfile.exists():
         raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} (only safetensors adapters are read; convert an "
                               "adapter_model.bin with PEFT first)")
-    if adapter_name in model_adapters(model):
-        raise ConfigError(f"adapter {adapter_name!r} already exists on this model; pass another adapter_name")
     spec = get_method(method)
     have = _file_shapes(wfile)
     if spec.shapes is not None:
@@ -170,6 +164,27 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         if missing:
             raise CheckpointError(f"{wfile}: tensor {missing[0]} {want[missing[0]]} is missing ({len(missing)} "
                                   "missing in all); the file is incomplete or for another config")
+    return method, cfg, wfile
+
+
+def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default", activate: bool = True) -> str:
+    """Read a PEFT adapter folder into `model` as adapter `adapter_name` (made active unless `activate=False`).
+
+    Every tensor name and shape is checked against what the method would create on this model before the model is
+    touched (`check_adapter`). Nothing is frozen or unfrozen.
+    Returns:
+        the adapter name.
+    Raises:
+        CheckpointError: missing or malformed files; the adapter does not fit this model (names the first
+            mismatching tensor and both shapes, or the missing module).
+        ConfigError: `adapter_name` already in use.
+    """
+    from safetensors.torch import load_file
+
+    if adapter_name in model_adapters(model):
+        raise ConfigError(f"adapter {adapter_name!r} already exists on this model; pass another adapter_name")
+    method, cfg, wfile = check_adapter(model, path)
+    spec = get_method(method)
     sd = {(k[:-7] if k.endswith("lora_magnitude_vector.weight") else k): t for k, t in load_file(str(wfile)).items()}
     prev_active = active_adapters(model)
     spec.apply(model, cfg, adapter_name)
