@@ -172,7 +172,7 @@ def main():
         a.concurrency, a.prompt_len, a.new, a.requests_per_client = "4,16", 32, 16, 1
     a.concurrency = [int(c) for c in a.concurrency.split(",")]
     T0 = time.perf_counter()
-    from slimtune.checkpoint import load_model, load_tokenizer
+    from slimtune.models import load_model, load_tokenizer
     from slimtune.models.shapes import build_meta, get_shape
     from slimtune.models.tiny import builtin_tokenizer
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from slimtune.checkpoint import load_model
+from slimtune.models.load import load_model
 from slimtune.generate import SamplingConfig, generate
 from slimtune.models.tiny import builtin_model
 from slimtune.peft import apply_method, delete_adapter, load_adapter, merge_and_unload, save_adapter

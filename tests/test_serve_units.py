@@ -9,7 +9,7 @@ import pytest
 import torch
 from serve_helpers import make_adapters, reference_ids
 
-from slimtune.checkpoint import load_model
+from slimtune.models.load import load_model
 from slimtune.generate import SamplingConfig, generate, process_logits
 from slimtune.models.tiny import builtin_model, builtin_tokenizer
 from slimtune.peft import apply_method, load_adapter, save_adapter

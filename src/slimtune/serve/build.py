@@ -83,7 +83,7 @@ def build(opts: ServeOptions) -> Served:
     Raises:
         SlimtuneError: a missing or damaged model or adapter folder, an adapter that does not fit, bad options.
     """
-    from slimtune.checkpoint import load_model, load_tokenizer
+    from slimtune.models import load_model, load_tokenizer
     from slimtune.commands.generate import pick_device
     from slimtune.models.decoder import Decoder
 

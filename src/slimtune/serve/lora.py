@@ -120,12 +120,15 @@ def read_lora(skeleton: nn.Module, folder: str | Path) -> tuple[Factors, int]:
     from safetensors.torch import load_file
 
     from slimtune.peft.files import check_adapter
-    from slimtune.peft.lora import LoraConfig
+    from slimtune.peft.lora import LoraConfig, lora_scale
 
     method, cfg, wfile = check_adapter(skeleton, folder)
     if method != "lora" or not isinstance(cfg, LoraConfig) or cfg.use_dora:
         raise CheckpointError(f"{folder}: a {'DoRA' if getattr(cfg, 'use_dora', False) else method} adapter; the "
                               "server batches plain LoRA adapters only (serve this one merged: --merge)")
+    if cfg.lora_bias:
+        raise CheckpointError(f"{folder}: the adapter has a lora_bias, which the batched server does not apply; serve "
+                              "it merged (--merge)")
     if cfg.modules_to_save:
         raise CheckpointError(f"{folder}: the adapter trains whole modules ({cfg.modules_to_save}), which cannot be "
                               "batched with other adapters; serve it merged (--merge)")
@@ -137,7 +140,8 @@ def read_lora(skeleton: nn.Module, folder: str | Path) -> tuple[Factors, int]:
             B = sd[key.replace(".lora_A.weight", ".lora_B.weight")]
             if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
                 raise CheckpointError(f"{wfile}: {path} holds inf or NaN values")
-            out[path] = (A, B, cfg.scale(*cfg.rank_alpha(path)))
+            r, alpha = cfg.rank_alpha(path)
+            out[path] = (A, B, lora_scale(alpha, r, cfg.use_rslora))
     return out, max(A.shape[0] for A, _, _ in out.values())
 
 
