@@ -1,0 +1,120 @@
+"""Block-wise 4-bit (NF4/FP4) dequantization in one Triton pass: packed codes + absmax -> a 16/32-bit weight.
+
+Same math and byte layout as `slimtune.quant.blockwise.dequantize_4bit` (the reference, which runs where the kernel
+cannot): element 2j in the high nibble of byte j, value = code[c] * absmax[e // block] computed in fp32 and rounded
+once; with double quantization absmax = nested_code[q] * nested_absmax[block // nested_block] + offset (fp32, two
+roundings, no fused multiply-add). Bitwise equal to the reference. Today's unfused chain (gather, fp32 multiply,
+cast) writes an fp32 copy of the weight and reads it back; this writes only the output (n/2 + 2n bytes for bf16).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from slimtune.kernels import cast, cdiv, enabled, interpreting, jit
+from slimtune.quant.blockwise import FORMATS_4BIT, Quant4bit, code_table, dequantize_4bit, dynamic_map
+
+tl = None  # triton.language, bound when a kernel is first launched (slimtune.kernels.jit)
+
+ELEMS_PER_PROGRAM = 4096  # 2 KiB of codes per program: 16 bytes in and 32 bf16 values out per thread at 4 warps
+
+
+@jit
+def _dequant4_kernel(out_ptr, packed_ptr, absmax_ptr, nabs_ptr, noff_ptr, code_ptr, ncode_ptr, n, n_bytes, n_blocks,
+                     BLOCK: tl.constexpr, ROWS: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
+                     EMULATE_RNE: tl.constexpr):
+    # one program = ROWS quantization blocks; a block of BLOCK values is BLOCK // 2 bytes
+    HALF: tl.constexpr = BLOCK // 2
+    blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block index, int64: n may pass 2^31
+    ok = blk < n_blocks
+    byte = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF)
+    bits = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0).to(tl.int32)
+    if NESTED:  # absmax = nested_code[q] * nested_absmax[block // NESTED_BLOCK] + offset, each step rounded in fp32
+        q = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
+        scale = tl.load(nabs_ptr + blk // NESTED_BLOCK, mask=ok, other=0.0)
+        a = tl.load(ncode_ptr + q) * scale + tl.load(noff_ptr)
+    else:
+        a = tl.load(absmax_ptr + blk, mask=ok, other=0.0)
+    hi = tl.load(code_ptr + (bits >> 4)) * a[:, None]  # element 2j
+    lo = tl.load(code_ptr + (bits & 15)) * a[:, None]  # element 2j + 1
+    vals = tl.interleave(hi, lo)  # (ROWS, BLOCK) in element order
+    elem = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    tl.store(out_ptr + elem, cast(vals, out_ptr.dtype.element_ty, EMULATE_RNE), mask=elem < n)
+
+
+def _tables(packed: Tensor, fmt: str, code: Tensor | None, nested_code: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The 16-entry and 256-entry fp32 tables on the weight's device (defaults: the built-in ones of `fmt`)."""
+    dev = packed.device
+    code = code_table(fmt, dev) if code is None else code.to(dev, torch.float32)
+    nested_code = dynamic_map(dev) if nested_code is None else nested_code.to(dev, torch.float32)
+    return code, nested_code
+
+
+def dequantize_4bit_into(out: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None = None,
+                         nested_offset: Tensor | None = None, code: Tensor | None = None,
+                         nested_code: Tensor | None = None, block_size: int = 64, nested_block: int = 256,
+                         fmt: str = "nf4", kernels: bool | str | None = None) -> Tensor:
+    """Write the weight that `packed` encodes into the flat buffer `out` (e.g. a slice of a stacked q,k,v buffer).
+
+    Args:
+        out: 1-D contiguous bf16 / fp16 / fp32 tensor of n elements (n = number of encoded values).
+        packed: uint8 codes, ((n + 1) // 2,) or ((n + 1) // 2, 1), bitsandbytes layout.
+        absmax: fp32 (n_blocks,), or uint8 codes (n_blocks,) with double quantization.
+        nested_absmax, nested_offset: fp32 (ceil(n_blocks / nested_block),) and 0-dim, with double quantization.
+        code, nested_code: the checkpoint's 16- and 256-entry tables (default: `fmt`'s and `dynamic_map()`).
+        block_size, nested_block: values per absmax, absmax values per nested absmax.
+        fmt: "nf4" or "fp4" (only picks the default `code`).
+        kernels: False / "off" forces the PyTorch reference.
+    Returns:
+        `out`.
+    Raises:
+        ValueError: `out` is not a contiguous floating-point vector, or sizes disagree.
+    """
+    n = out.numel()
+    nested = nested_absmax is not None
+    if out.dim() != 1 or not out.is_contiguous() or not out.is_floating_point():
+        raise ValueError(f"dequantize_4bit_into: out must be a contiguous 1-D float tensor, got {tuple(out.shape)} "
+                         f"{out.dtype}")
+    n_blocks = -(-n // block_size)
+    if packed.numel() != (n + 1) // 2 or absmax.numel() != n_blocks:
+        raise ValueError(f"dequantize_4bit_into: {n} values need {(n + 1) // 2} bytes and {n_blocks} absmax, got "
+                         f"{packed.numel()} and {absmax.numel()}")
+    code, nested_code = _tables(packed, fmt, code, nested_code)
+    if not enabled(out.device, kernels):
+        q = Quant4bit(packed.reshape(-1, 1), absmax, torch.Size((n,)), out.dtype, fmt, block_size, nested_absmax,
+                      nested_offset, nested_block, code, nested_code)
+        return out.copy_(dequantize_4bit(q, out.dtype))
+    if n == 0:
+        return out
+    rows = max(1, ELEMS_PER_PROGRAM // block_size)
+    dummy = absmax  # an unused pointer argument when not nested
+    # enable_fp_fusion=False: no fused multiply-add, the reference rounds after the nested multiply
+    _dequant4_kernel[(cdiv(n_blocks, rows),)](
+        out, packed, absmax, nested_absmax if nested else dummy, nested_offset if nested else dummy, code,
+        nested_code, n, packed.numel(), n_blocks, BLOCK=block_size, ROWS=rows, NESTED=nested,
+        NESTED_BLOCK=nested_block, EMULATE_RNE=interpreting(), num_warps=4, enable_fp_fusion=False)
+    return out
+
+
+def dequantize_4bit_fast(q: Quant4bit, dtype: torch.dtype | None = None, out: Tensor | None = None,
+                         kernels: bool | str | None = None) -> Tensor:
+    """`dequantize_4bit(q, dtype)` in one kernel: a new tensor of shape `q.shape`, or written into `out` (contiguous,
+    n elements, any shape; its dtype wins) and `out` returned. Raises ValueError as `dequantize_4bit_into`."""
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.packed.device)
+    dequantize_4bit_into(out.view(-1), q.packed, q.absmax, q.nested_absmax, q.nested_offset, q.code, q.nested_code,
+                         q.block_size, q.nested_block_size, q.fmt, kernels)
+    return out
+
+
+def dequantize_layer_into(out: Tensor, layer: nn.Module, kernels: bool | str | None = None) -> Tensor:
+    """Write the (out_features, in_features) weight `layer` computes with into `out` (a contiguous 2-D buffer or a
+    row slice of one): one kernel for a 4-bit `QuantLinear`, `layer.dequantize` for its other formats, a copy for a
+    dense `nn.Linear`. Returns `out`."""
+    if getattr(layer, "fmt", None) in FORMATS_4BIT:
+        dequantize_4bit_fast(layer._q4(), out=out, kernels=kernels)
+    elif hasattr(layer, "dequantize"):
+        out.copy_(layer.dequantize(out.dtype))
+    else:
+        out.copy_(layer.weight)
+    return out
