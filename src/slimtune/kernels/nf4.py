@@ -79,13 +79,13 @@ def dequantize_4bit_into(out: Tensor, packed: Tensor, absmax: Tensor, nested_abs
     if packed.numel() != (n + 1) // 2 or absmax.numel() != n_blocks:
         raise ValueError(f"dequantize_4bit_into: {n} values need {(n + 1) // 2} bytes and {n_blocks} absmax, got "
                          f"{packed.numel()} and {absmax.numel()}")
-    code, nested_code = _tables(packed, fmt, code, nested_code)
     if not enabled(out.device, kernels):
         q = Quant4bit(packed.reshape(-1, 1), absmax, torch.Size((n,)), out.dtype, fmt, block_size, nested_absmax,
                       nested_offset, nested_block, code, nested_code)
         return out.copy_(dequantize_4bit(q, out.dtype))
     if n == 0:
         return out
+    code, nested_code = _tables(packed, fmt, code, nested_code)
     rows = max(1, ELEMS_PER_PROGRAM // block_size)
     dummy = absmax  # an unused pointer argument when not nested
     # enable_fp_fusion=False: no fused multiply-add, the reference rounds after the nested multiply
