@@ -164,6 +164,34 @@ def test_dora_and_plain_layers():
     assert torch.equal(stacked_weight(plain)(torch.float32), torch.cat([m.dequantize(torch.float32) for m in plain]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_bases_without_stacking(dtype):
+    """LoRA over plain frozen nn.Linear (q,k,v with biases, as Qwen2): one matmul per projection into its columns;
+    a trainable base weight keeps each layer's own forward."""
+    torch.manual_seed(6)
+    layers = []
+    for o in PARTS:
+        m = LoraLinear(nn.Linear(32, o, bias=True).to(dtype).requires_grad_(False))
+        m.add("default", 3, 6)
+        with torch.no_grad():
+            m.lora_B["default"].weight.normal_()
+        m.set_active(["default"])
+        layers.append(m)
+    x = torch.randn(2, 5, 32, dtype=dtype, requires_grad=True)
+    params = [x] + _lora_params(layers)
+    with _Ops() as ops:
+        y = lora_layers_forward(x, layers)
+    assert "cat" in ops.ops and ops.ops.count("addmm_") == 6  # 3 base projections + 3 adapters, no stacked copy
+    want = torch.cat([m(x) for m in layers], -1)
+    g = torch.randn_like(want)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel(y, want) < tol
+    for got, ref in zip(_grads(y, params, g), _grads(want, params, g)):
+        assert rel(got, ref) < tol
+    layers[0].base_layer.weight.requires_grad_(True)
+    assert torch.equal(lora_layers_forward(x, layers), torch.cat([m(x) for m in layers], -1))
+
+
 def test_bad_arguments_raise():
     W = torch.randn(8, 4)
     A, B = torch.randn(2, 4), torch.randn(7, 2)

@@ -17,15 +17,17 @@ from torch import Tensor, nn
 
 from slimtune.kernels.nf4 import dequantize_layer_into
 
-WeightSource = Tensor | Callable[[torch.dtype], Tensor]  # (O, in) dense, or dtype -> (O, in) dequantized
+# the frozen base: (O, in) dense, one dense (out_p, in) per projection, or dtype -> (O, in) dequantized
+WeightSource = Tensor | Sequence[Tensor] | Callable[[torch.dtype], Tensor]
 Adapter = tuple[Tensor, Tensor, float, int]  # A (r, in), B (out_p, r), scale s, index p of the projection
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """Everything but tensors: how to load W, and where each adapter reads (x A^T columns) and writes (y columns)."""
+    """How to get W, and where each adapter reads (x A^T columns) and writes (y columns)."""
 
-    load: Callable[[torch.dtype], Tensor] | None
+    load: Callable[[torch.dtype], Tensor] | None  # dequantizes the stacked W (else `weight` is given)
+    split: tuple[Tensor, ...] | None  # dense per-projection weights, multiplied one by one (no stacking copy)
     out_cols: tuple[tuple[int, int], ...]  # per adapter: output columns (o0, o1) of its projection
     rank_cols: tuple[tuple[int, int], ...]  # per adapter: columns (r0, r1) of x A_cat^T
     scales: tuple[float, ...]
@@ -84,9 +86,7 @@ class _LoraFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, plan: _Plan, *factors: Tensor) -> Tensor:
         cd = x.dtype
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-        W = plan.load(cd) if weight is None else weight.to(cd)  # (O, in)
-        y = x2 @ W.t() if bias is None else torch.addmm(bias.to(cd), x2, W.t())  # (M, O)
-        del W
+        y = _base_forward(x2, weight, bias, plan, cd)  # (M, O)
         n = len(plan.scales)
         xa = flat = None
         if n:
@@ -124,9 +124,7 @@ class _LoraFunction(torch.autograd.Function):
                     gB = _mm_f32(g[:, o0:o1].t(), xa[:, r0:r1])  # (out_p, r_i)
                     grads_B[i] = (gB if s == 1 else gB.mul_(s)).to(ctx.dtypes[n + i])
         if need[0]:
-            W = plan.load(cd) if weight is None else weight.to(cd)
-            gx = g @ W  # (M, in)
-            del W
+            gx = _base_input_grad(g, weight, plan, cd)  # (M, in)
             if gs is not None:
                 gx.addmm_(gs, A_cat)
             gx = gx.view(x.shape)
@@ -134,8 +132,33 @@ class _LoraFunction(torch.autograd.Function):
         return (gx, None, gb, None, *grads_A, *grads_B)
 
 
-def _plan(adapters: Sequence[Adapter], parts: Sequence[int], d_in: int,
-          load: Callable[[torch.dtype], Tensor] | None) -> _Plan:
+def _base_forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, plan: _Plan, cd: torch.dtype) -> Tensor:
+    """x2 W^T + b (M, O): one matmul over the stacked W, or one per dense projection into its columns."""
+    if plan.split is None:
+        W = plan.load(cd) if weight is None else weight.to(cd)  # (O, in)
+        return x2 @ W.t() if bias is None else torch.addmm(bias.to(cd), x2, W.t())
+    y = torch.empty(x2.shape[0], sum(w.shape[0] for w in plan.split), dtype=cd, device=x2.device)
+    o = 0
+    for W in plan.split:  # beta=0: the uninitialized columns are ignored
+        y[:, o:o + W.shape[0]].addmm_(x2, W.to(cd).t(), beta=0)
+        o += W.shape[0]
+    return y if bias is None else y.add_(bias.to(cd))
+
+
+def _base_input_grad(g: Tensor, weight: Tensor | None, plan: _Plan, cd: torch.dtype) -> Tensor:
+    """g W (M, in), with W loaded again (dequantized) or taken projection by projection."""
+    if plan.split is None:
+        return g @ (plan.load(cd) if weight is None else weight.to(cd))
+    gx, o = None, 0
+    for W in plan.split:
+        gp = g[:, o:o + W.shape[0]]
+        gx = gp @ W.to(cd) if gx is None else gx.addmm_(gp, W.to(cd))
+        o += W.shape[0]
+    return gx
+
+
+def _plan(adapters: Sequence[Adapter], parts: Sequence[int], d_in: int, load: Callable[[torch.dtype], Tensor] | None,
+          split: tuple[Tensor, ...] | None) -> _Plan:
     """Column ranges of each adapter; checks the factor shapes against `parts` and `d_in`."""
     starts = [sum(parts[:p]) for p in range(len(parts))]
     out_cols, rank_cols, scales, r = [], [], [], 0
@@ -147,7 +170,7 @@ def _plan(adapters: Sequence[Adapter], parts: Sequence[int], d_in: int,
         rank_cols.append((r, r + A.shape[0]))
         scales.append(float(s))
         r += A.shape[0]
-    return _Plan(load, tuple(out_cols), tuple(rank_cols), tuple(scales))
+    return _Plan(load, split, tuple(out_cols), tuple(rank_cols), tuple(scales))
 
 
 def _adapter_delta(x: Tensor, adapters: Sequence[Adapter], parts: Sequence[int], dropout: float,
@@ -158,8 +181,7 @@ def _adapter_delta(x: Tensor, adapters: Sequence[Adapter], parts: Sequence[int],
         xd = F.dropout(x, dropout, training) if dropout > 0 else x
         d = F.linear(F.linear(xd, A.to(x.dtype)), B.to(x.dtype)) * s
         per_part[p] = d if per_part[p] is None else per_part[p] + d
-    zeros = [x.new_zeros(*x.shape[:-1], w) for w in parts]
-    return torch.cat([d if d is not None else z for d, z in zip(per_part, zeros)], -1)
+    return torch.cat([d if d is not None else x.new_zeros(*x.shape[:-1], w) for d, w in zip(per_part, parts)], -1)
 
 
 def lora_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, adapters: Sequence[Adapter] = (),
@@ -176,8 +198,9 @@ def lora_linear(x: Tensor, weight: WeightSource, bias: Tensor | None = None, ada
 
     Args:
         x: (..., in) in the compute dtype (bf16 / fp16 / fp32).
-        weight: the frozen base (O, in), dense, or a callable dtype -> (O, in) (e.g. `stacked_weight`), called once
-            in forward and once in backward.
+        weight: the frozen base: (O, in) dense; a list of dense (out_p, in), one per projection (one matmul each,
+            no stacking copy); or a callable dtype -> (O, in) (e.g. `stacked_weight`), called once in forward and
+            once in backward.
         bias: frozen (O,) or None (its gradient is returned if it requires one).
         adapters: (A (r, in), B (out_p, r), scale, p) per adapter; ranks may differ; several may share p.
         parts: widths of the stacked projections (sum O); default one projection of W's rows.
@@ -188,18 +211,20 @@ def lora_linear(x: Tensor, weight: WeightSource, bias: Tensor | None = None, ada
         ValueError: factor shapes that do not fit, a trainable base weight, `parts` missing for a callable.
     """
     dense = isinstance(weight, Tensor)
-    if dense and weight.requires_grad:
+    split = tuple(weight) if isinstance(weight, (list, tuple)) else None
+    if any(w.requires_grad for w in ([weight] if dense else split or [])):
         raise ValueError("lora_linear: the base weight must be frozen (requires_grad=False)")
     if parts is None:
-        if not dense:
+        if not dense and split is None:
             raise ValueError("lora_linear: give `parts` (the output widths) with a dequantizing callable")
-        parts = [weight.shape[0]]
-    plan = _plan(adapters, list(parts), x.shape[-1], None if dense else weight)
+        parts = [weight.shape[0]] if dense else [w.shape[0] for w in split]
+    plan = _plan(adapters, list(parts), x.shape[-1], None if dense or split else weight, split)
+    base = weight if dense else None
     if dropout > 0 and training and adapters:
-        y = _LoraFunction.apply(x, weight if dense else None, bias, _Plan(plan.load, (), (), ()))
+        y = _LoraFunction.apply(x, base, bias, _Plan(plan.load, split, (), (), ()))
         return y + _adapter_delta(x, adapters, list(parts), dropout, training)
     factors = [a[0] for a in adapters] + [a[1] for a in adapters]
-    return _LoraFunction.apply(x, weight if dense else None, bias, plan, *factors)
+    return _LoraFunction.apply(x, base, bias, plan, *factors)
 
 
 def stacked_weight(layers: Sequence[nn.Module]) -> Callable[[torch.dtype], Tensor]:
@@ -221,11 +246,13 @@ def stacked_weight(layers: Sequence[nn.Module]) -> Callable[[torch.dtype], Tenso
 
 
 def _plain_linear(m: nn.Module) -> bool:
-    """An nn.Linear, or a quantized linear whose forward is F.linear(x, dequantize(x.dtype), b) (not w8a8 /
+    """A frozen nn.Linear, or a quantized linear whose forward is F.linear(x, dequantize(x.dtype), b) (not w8a8 /
     ternary, which quantize activations too)."""
     if hasattr(m, "base_layer"):
         return False
-    return isinstance(m, nn.Linear) or (hasattr(m, "dequantize") and getattr(m, "fmt", None) not in ("w8a8", "ternary"))
+    if isinstance(m, nn.Linear):
+        return not m.weight.requires_grad  # a trainable weight keeps autograd's own linear
+    return hasattr(m, "dequantize") and getattr(m, "fmt", None) not in ("w8a8", "ternary")
 
 
 def _fusable(m: nn.Module) -> bool:
@@ -252,8 +279,8 @@ def lora_layers_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
                 drops.add(getattr(m.lora_dropout[n], "p", 0.0))
     if len(drops) > 1:
         return torch.cat([m(x) for m in layers], -1)
-    single_dense = len(bases) == 1 and not hasattr(bases[0], "dequantize")
-    weight = bases[0].weight if single_dense else stacked_weight(bases)
+    dense = not any(hasattr(b, "dequantize") for b in bases)  # nn.Linear bases: their weights as they are
+    weight = [b.weight for b in bases] if dense else stacked_weight(bases)
     biases = [getattr(b, "bias", None) for b in bases]
     bias = None
     if any(b is not None for b in biases):
