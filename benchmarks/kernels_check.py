@@ -5,7 +5,8 @@ layers and the loss. One failing case is printed and skipped; the table comes la
 
     python benchmarks/kernels_check.py            # H200: T = 2048 and 8192 tokens (about 2 minutes)
     python benchmarks/kernels_check.py --quick    # T = 2048 only, fewer repetitions
-    TRITON_INTERPRET=1 python benchmarks/kernels_check.py --tiny    # CPU smoke test of this script (tiny shapes)
+    TRITON_INTERPRET=1 python benchmarks/kernels_check.py --tiny    # CPU smoke test of this script (tiny shapes;
+                                                                     # launches there count aten ops)
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from kernel_helpers import DEV, needs_cuda, needs_triton
 from torch import nn
 
 from slimtune.kernels.lora import stacked_weight
+from slimtune.kernels import nf4
 from slimtune.kernels.nf4 import dequantize_4bit_fast, dequantize_4bit_into, dequantize_layer_into
 from slimtune.quant.blockwise import Quant4bit, dequantize_4bit, quantize_4bit
 from slimtune.quant.linear import QuantLinear
@@ -59,6 +60,24 @@ def test_into_slices_of_one_buffer():
         o += m.out_features
     want = torch.cat([m.dequantize(torch.bfloat16) for m in layers])
     assert torch.equal(buf, want)
+
+
+@needs_triton
+def test_group_one_launch_per_three_compatible_weights(monkeypatch):
+    """Runs of up to three weights with the same layout share a launch; odd sizes; a differently nested one breaks
+    the run."""
+    torch.manual_seed(8)
+    shapes_dq = [((7, 33), True), ((64, 5), True), ((3, 100), True), ((9, 9), True), ((16, 16), False)]
+    qs = [quantize_4bit(torch.randn(s, device=DEV), "nf4", 64, dq) for s, dq in shapes_dq]
+    launches = []
+    real = nf4._launch
+    monkeypatch.setattr(nf4, "_launch", lambda out, group: launches.append(len(group)) or real(out, group))
+    out = torch.full((sum(q.shape.numel() for q in qs),), float("nan"), device=DEV)
+    nf4.dequantize_4bit_group_into(out, qs, kernels=True)
+    assert launches == [3, 1, 1]
+    assert torch.equal(out, torch.cat([dequantize_4bit(q, torch.float32).view(-1) for q in qs]))
+    with pytest.raises(ValueError, match="contiguous float vector"):
+        nf4.dequantize_4bit_group_into(out[:-1], qs)
 
 
 def test_stacked_weight_mixes_formats():

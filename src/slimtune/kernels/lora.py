@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimtune.kernels.nf4 import dequantize_layer_into
+from slimtune.kernels.nf4 import dequantize_4bit_group_into, dequantize_layer_into
+from slimtune.quant.blockwise import FORMATS_4BIT
 
 # the frozen base: (O, in) dense, one dense (out_p, in) per projection, or dtype -> (O, in) dequantized
 WeightSource = Tensor | Sequence[Tensor] | Callable[[torch.dtype], Tensor]
@@ -229,13 +230,17 @@ def lora_linear(x: Tensor, weight: WeightSource, bias: Tensor | None = None, ada
 
 def stacked_weight(layers: Sequence[nn.Module]) -> Callable[[torch.dtype], Tensor]:
     """A callable dtype -> (sum out_features, in_features): the layers' weights stacked by rows in one new buffer,
-    each dequantized straight into its slice (one kernel per 4-bit layer)."""
+    each dequantized straight into its slice (4-bit layers: one launch for up to three)."""
     outs = [m.out_features for m in layers]
+
+    four_bit = all(getattr(m, "fmt", None) in FORMATS_4BIT for m in layers)
 
     def load(dtype: torch.dtype) -> Tensor:
         dev = next(iter(layers[0].buffers()), None)
         dev = dev.device if dev is not None else layers[0].weight.device
         buf = torch.empty(sum(outs), layers[0].in_features, dtype=dtype, device=dev)
+        if four_bit:  # q,k,v or gate,up in one launch
+            return dequantize_4bit_group_into(buf.view(-1), [m._q4() for m in layers]).view(buf.shape)
         o = 0
         for m, w in zip(layers, outs):
             dequantize_layer_into(buf[o:o + w], m)

@@ -8,6 +8,10 @@ cast) writes an fp32 copy of the weight and reads it back; this writes only the 
 """
 from __future__ import annotations
 
+import itertools
+import math
+from typing import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -20,15 +24,14 @@ ELEMS_PER_PROGRAM = 4096  # 2 KiB of codes per program: 16 bytes in and 32 bf16 
 
 
 @jit
-def _dequant4_kernel(out_ptr, packed_ptr, absmax_ptr, nabs_ptr, noff_ptr, code_ptr, ncode_ptr, n, n_bytes, n_blocks,
-                     BLOCK: tl.constexpr, ROWS: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
-                     EMULATE_RNE: tl.constexpr):
-    # one program = ROWS quantization blocks; a block of BLOCK values is BLOCK // 2 bytes
+def _blocks(out_ptr, packed_ptr, absmax_ptr, nabs_ptr, noff_ptr, code_ptr, ncode_ptr, n, pid, BLOCK: tl.constexpr,
+            ROWS: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    # program `pid` of one weight of n values: ROWS quantization blocks of BLOCK values (BLOCK // 2 bytes each)
     HALF: tl.constexpr = BLOCK // 2
-    blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block index, int64: n may pass 2^31
-    ok = blk < n_blocks
-    byte = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF)
-    bits = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0).to(tl.int32)
+    blk = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block index, int64: n may pass 2^31
+    ok = blk * BLOCK < n
+    byte = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF); byte j exists when 2j < n + 1
+    bits = tl.load(packed_ptr + byte, mask=byte * 2 <= n, other=0).to(tl.int32)
     if NESTED:  # absmax = nested_code[q] * nested_absmax[block // NESTED_BLOCK] + offset, each step rounded in fp32
         q = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
         scale = tl.load(nabs_ptr + blk // NESTED_BLOCK, mask=ok, other=0.0)
@@ -40,6 +43,48 @@ def _dequant4_kernel(out_ptr, packed_ptr, absmax_ptr, nabs_ptr, noff_ptr, code_p
     vals = tl.interleave(hi, lo)  # (ROWS, BLOCK) in element order
     elem = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     tl.store(out_ptr + elem, cast(vals, out_ptr.dtype.element_ty, EMULATE_RNE), mask=elem < n)
+
+
+@jit
+def _dequant4_kernel(out_ptr, code_ptr, ncode_ptr, p0, a0, s0, o0, n0, p1, a1, s1, o1, n1, p2, a2, s2, o2, n2,
+                     start1, start2, NUM: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                     NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    # up to three weights (packed p, absmax a, nested absmax s, offset o, n values) written one after the other
+    # into out; programs [0, start1) decode weight 0, [start1, start2) weight 1, the rest weight 2
+    pid = tl.program_id(0)
+    w = 0
+    if NUM > 1:
+        w = (pid >= start1).to(tl.int32)
+        if NUM > 2:
+            w += (pid >= start2).to(tl.int32)
+    if w == 0:
+        _blocks(out_ptr, p0, a0, s0, o0, code_ptr, ncode_ptr, n0, pid, BLOCK, ROWS, NESTED, NESTED_BLOCK,
+                EMULATE_RNE)
+    elif w == 1:
+        _blocks(out_ptr + n0, p1, a1, s1, o1, code_ptr, ncode_ptr, n1, pid - start1, BLOCK, ROWS, NESTED,
+                NESTED_BLOCK, EMULATE_RNE)
+    else:
+        _blocks(out_ptr + n0 + n1, p2, a2, s2, o2, code_ptr, ncode_ptr, n2, pid - start2, BLOCK, ROWS, NESTED,
+                NESTED_BLOCK, EMULATE_RNE)
+
+
+def _launch(out: Tensor, qs: Sequence[Quant4bit]) -> None:
+    """One launch writing 1 to 3 compatible weights (same block sizes, nesting and tables) one after the other."""
+    q0 = qs[0]
+    code, nested_code = _tables(q0.packed, q0.fmt, q0.code, q0.nested_code)
+    rows = max(1, ELEMS_PER_PROGRAM // q0.block_size)
+    args, starts, total = [], [], 0
+    for q in list(qs) + [q0] * (3 - len(qs)):  # unused slots repeat weight 0 (never reached)
+        n = math.prod(q.shape)
+        nested = (q.nested_absmax, q.nested_offset) if q0.nested else (q.absmax, q.absmax)
+        args += [q.packed, q.absmax, *nested, n]
+        starts.append(total)
+        total += cdiv(cdiv(n, q0.block_size), rows)
+    # enable_fp_fusion=False: no fused multiply-add, the reference rounds after the nested multiply
+    _dequant4_kernel[(starts[len(qs)] if len(qs) < 3 else total,)](
+        out, code, nested_code, *args, starts[1], starts[2], NUM=len(qs), BLOCK=q0.block_size, ROWS=rows,
+        NESTED=q0.nested, NESTED_BLOCK=q0.nested_block_size, EMULATE_RNE=interpreting(), num_warps=4,
+        enable_fp_fusion=False)
 
 
 def _tables(packed: Tensor, fmt: str, code: Tensor | None, nested_code: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -71,7 +116,6 @@ def dequantize_4bit_into(out: Tensor, packed: Tensor, absmax: Tensor, nested_abs
         ValueError: `out` is not a contiguous floating-point vector, or sizes disagree.
     """
     n = out.numel()
-    nested = nested_absmax is not None
     if out.dim() != 1 or not out.is_contiguous() or not out.is_floating_point():
         raise ValueError(f"dequantize_4bit_into: out must be a contiguous 1-D float tensor, got {tuple(out.shape)} "
                          f"{out.dtype}")
@@ -79,20 +123,45 @@ def dequantize_4bit_into(out: Tensor, packed: Tensor, absmax: Tensor, nested_abs
     if packed.numel() != (n + 1) // 2 or absmax.numel() != n_blocks:
         raise ValueError(f"dequantize_4bit_into: {n} values need {(n + 1) // 2} bytes and {n_blocks} absmax, got "
                          f"{packed.numel()} and {absmax.numel()}")
+    q = Quant4bit(packed.reshape(-1, 1), absmax, torch.Size((n,)), out.dtype, fmt, block_size, nested_absmax,
+                  nested_offset, nested_block, code, nested_code)
     if not enabled(out.device, kernels):
-        q = Quant4bit(packed.reshape(-1, 1), absmax, torch.Size((n,)), out.dtype, fmt, block_size, nested_absmax,
-                      nested_offset, nested_block, code, nested_code)
         return out.copy_(dequantize_4bit(q, out.dtype))
-    if n == 0:
+    if n:
+        _launch(out, [q])
+    return out
+
+
+def _compatible(a: Quant4bit, b: Quant4bit) -> bool:
+    """Whether two weights can share a launch: same block sizes, nesting, format and tables."""
+    return (a.block_size, a.nested, a.nested_block_size, a.fmt) == (b.block_size, b.nested, b.nested_block_size,
+                                                                   b.fmt) and a.code is b.code and \
+        a.nested_code is b.nested_code
+
+
+def dequantize_4bit_group_into(out: Tensor, qs: Sequence[Quant4bit], kernels: bool | str | None = None) -> Tensor:
+    """Write several 4-bit weights one after the other into the flat buffer `out` (e.g. q, k, v stacked by rows):
+    one launch per run of up to three compatible weights. Returns `out`.
+
+    Raises:
+        ValueError: `out` is not a contiguous float vector of the weights' total size.
+    """
+    sizes = [math.prod(q.shape) for q in qs]
+    if out.dim() != 1 or not out.is_contiguous() or out.numel() != sum(sizes) or not out.is_floating_point():
+        raise ValueError(f"dequantize_4bit_group_into: out must be a contiguous float vector of {sum(sizes)} values, "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    if not enabled(out.device, kernels):
+        for q, o, n in zip(qs, itertools.accumulate([0] + sizes), sizes):
+            out[o:o + n].copy_(dequantize_4bit(q, out.dtype).view(-1))
         return out
-    code, nested_code = _tables(packed, fmt, code, nested_code)
-    rows = max(1, ELEMS_PER_PROGRAM // block_size)
-    dummy = absmax  # an unused pointer argument when not nested
-    # enable_fp_fusion=False: no fused multiply-add, the reference rounds after the nested multiply
-    _dequant4_kernel[(cdiv(n_blocks, rows),)](
-        out, packed, absmax, nested_absmax if nested else dummy, nested_offset if nested else dummy, code,
-        nested_code, n, packed.numel(), n_blocks, BLOCK=block_size, ROWS=rows, NESTED=nested,
-        NESTED_BLOCK=nested_block, EMULATE_RNE=interpreting(), num_warps=4, enable_fp_fusion=False)
+    i, o = 0, 0
+    while i < len(qs):
+        j = i + 1
+        while j < len(qs) and j - i < 3 and _compatible(qs[i], qs[j]):
+            j += 1
+        if sum(sizes[i:j]):
+            _launch(out[o:o + sum(sizes[i:j])], qs[i:j])
+        o, i = o + sum(sizes[i:j]), j
     return out
 
 
