@@ -64,11 +64,12 @@ def test_into_slices_of_one_buffer():
 
 @needs_triton
 def test_group_one_launch_per_three_compatible_weights(monkeypatch):
-    """Runs of up to three weights with the same layout share a launch; odd sizes; a differently nested one breaks
-    the run."""
+    """Runs of up to three weights with the same layout share a launch, each with its own code tables; odd sizes;
+    a differently nested one breaks the run."""
     torch.manual_seed(8)
     shapes_dq = [((7, 33), True), ((64, 5), True), ((3, 100), True), ((9, 9), True), ((16, 16), False)]
     qs = [quantize_4bit(torch.randn(s, device=DEV), "nf4", 64, dq) for s, dq in shapes_dq]
+    qs[1].code = torch.randn(16, device=DEV)  # a checkpoint's own table, in the middle of a shared launch
     launches = []
     real = nf4._launch
     monkeypatch.setattr(nf4, "_launch", lambda out, group: launches.append(len(group)) or real(out, group))

@@ -39,9 +39,10 @@ def compile(lazy, ptrs, consts, floats=(), fusion=True, aligned=False):
 out = {}
 for dt in ("bf16", "fp16", "fp32"):
     for nested in (True, False):
-        ptrs = {"out_ptr": "*" + dt, "code_ptr": "*fp32", "ncode_ptr": "*fp32"}
-        for w in "012":  # three weights: packed codes, absmax (uint8 when nested), nested absmax, offset
-            ptrs.update({"p" + w: "*u8", "a" + w: "*u8" if nested else "*fp32", "s" + w: "*fp32", "o" + w: "*fp32"})
+        ptrs = {"out_ptr": "*" + dt}
+        for w in "012":  # three weights: packed codes, absmax (uint8 when nested), nested absmax, offset, tables
+            ptrs.update({"p" + w: "*u8", "a" + w: "*u8" if nested else "*fp32", "s" + w: "*fp32", "o" + w: "*fp32",
+                         "c" + w: "*fp32", "d" + w: "*fp32"})
         out[f"nf4 {dt} {nested}"] = compile(nf4._dequant4_kernel, ptrs, dict(NUM=3, BLOCK=64, ROWS=64, NESTED=nested,
                                             NESTED_BLOCK=256), fusion=False, aligned=True)
 for dt in ("bf16", "fp32"):

@@ -46,11 +46,12 @@ def _blocks(out_ptr, packed_ptr, absmax_ptr, nabs_ptr, noff_ptr, code_ptr, ncode
 
 
 @jit
-def _dequant4_kernel(out_ptr, code_ptr, ncode_ptr, p0, a0, s0, o0, n0, p1, a1, s1, o1, n1, p2, a2, s2, o2, n2,
+def _dequant4_kernel(out_ptr, p0, a0, s0, o0, c0, d0, n0, p1, a1, s1, o1, c1, d1, n1, p2, a2, s2, o2, c2, d2, n2,
                      start1, start2, NUM: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
                      NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    # up to three weights (packed p, absmax a, nested absmax s, offset o, n values) written one after the other
-    # into out; programs [0, start1) decode weight 0, [start1, start2) weight 1, the rest weight 2
+    # up to three weights (packed p, absmax a, nested absmax s, offset o, code table c, nested table d, n values)
+    # written one after the other into out; programs [0, start1) decode weight 0, [start1, start2) weight 1, the
+    # rest weight 2
     pid = tl.program_id(0)
     w = 0
     if NUM > 1:
@@ -58,31 +59,29 @@ def _dequant4_kernel(out_ptr, code_ptr, ncode_ptr, p0, a0, s0, o0, n0, p1, a1, s
         if NUM > 2:
             w += (pid >= start2).to(tl.int32)
     if w == 0:
-        _blocks(out_ptr, p0, a0, s0, o0, code_ptr, ncode_ptr, n0, pid, BLOCK, ROWS, NESTED, NESTED_BLOCK,
-                EMULATE_RNE)
+        _blocks(out_ptr, p0, a0, s0, o0, c0, d0, n0, pid, BLOCK, ROWS, NESTED, NESTED_BLOCK, EMULATE_RNE)
     elif w == 1:
-        _blocks(out_ptr + n0, p1, a1, s1, o1, code_ptr, ncode_ptr, n1, pid - start1, BLOCK, ROWS, NESTED,
-                NESTED_BLOCK, EMULATE_RNE)
+        _blocks(out_ptr + n0, p1, a1, s1, o1, c1, d1, n1, pid - start1, BLOCK, ROWS, NESTED, NESTED_BLOCK,
+                EMULATE_RNE)
     else:
-        _blocks(out_ptr + n0 + n1, p2, a2, s2, o2, code_ptr, ncode_ptr, n2, pid - start2, BLOCK, ROWS, NESTED,
-                NESTED_BLOCK, EMULATE_RNE)
+        _blocks(out_ptr + n0 + n1, p2, a2, s2, o2, c2, d2, n2, pid - start2, BLOCK, ROWS, NESTED, NESTED_BLOCK,
+                EMULATE_RNE)
 
 
 def _launch(out: Tensor, qs: Sequence[Quant4bit]) -> None:
-    """One launch writing 1 to 3 compatible weights (same block sizes, nesting and tables) one after the other."""
+    """One launch writing 1 to 3 compatible weights (same block sizes and nesting) one after the other."""
     q0 = qs[0]
-    code, nested_code = _tables(q0.packed, q0.fmt, q0.code, q0.nested_code)
     rows = max(1, ELEMS_PER_PROGRAM // q0.block_size)
     args, starts, total = [], [], 0
     for q in list(qs) + [q0] * (3 - len(qs)):  # unused slots repeat weight 0 (never reached)
         n = math.prod(q.shape)
         nested = (q.nested_absmax, q.nested_offset) if q0.nested else (q.absmax, q.absmax)
-        args += [q.packed, q.absmax, *nested, n]
+        args += [q.packed, q.absmax, *nested, *_tables(q.packed, q.fmt, q.code, q.nested_code), n]
         starts.append(total)
         total += cdiv(cdiv(n, q0.block_size), rows)
     # enable_fp_fusion=False: no fused multiply-add, the reference rounds after the nested multiply
     _dequant4_kernel[(starts[len(qs)] if len(qs) < 3 else total,)](
-        out, code, nested_code, *args, starts[1], starts[2], NUM=len(qs), BLOCK=q0.block_size, ROWS=rows,
+        out, *args, starts[1], starts[2], NUM=len(qs), BLOCK=q0.block_size, ROWS=rows,
         NESTED=q0.nested, NESTED_BLOCK=q0.nested_block_size, EMULATE_RNE=interpreting(), num_warps=4,
         enable_fp_fusion=False)
 
@@ -133,10 +132,8 @@ def dequantize_4bit_into(out: Tensor, packed: Tensor, absmax: Tensor, nested_abs
 
 
 def _compatible(a: Quant4bit, b: Quant4bit) -> bool:
-    """Whether two weights can share a launch: same block sizes, nesting, format and tables."""
-    return (a.block_size, a.nested, a.nested_block_size, a.fmt) == (b.block_size, b.nested, b.nested_block_size,
-                                                                   b.fmt) and a.code is b.code and \
-        a.nested_code is b.nested_code
+    """Whether two weights can share a launch: the same block sizes and nesting (compile-time constants)."""
+    return (a.block_size, a.nested, a.nested_block_size) == (b.block_size, b.nested, b.nested_block_size)
 
 
 def dequantize_4bit_group_into(out: Tensor, qs: Sequence[Quant4bit], kernels: bool | str | None = None) -> Tensor:
