@@ -1,8 +1,13 @@
 """Shared fixtures: tiny random transformers models of each supported architecture, saved as HF folders."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # slimtune.kernels tests run their Triton kernels in Triton's CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ARCHS = {
     # llama with Llama 3.1 RoPE scaling (llama3), GQA

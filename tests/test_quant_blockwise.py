@@ -11,10 +11,9 @@ from slimtune.quant.codecs.fourbit import (
     code_table,
     dequantize_4bit,
     dynamic_map,
-    from_bnb_state_dict,
     quantize_4bit,
-    to_bnb_state_dict,
 )
+from slimtune.quant.codecs.bnb import from_bnb_state_dict, to_bnb_state_dict
 from slimtune.quant.codecs.intk import dequantize_int4, quantize_int4
 
 # the published NF4 table (QLoRA / bitsandbytes), typed here independently of slimtune.quant.formats

@@ -1,5 +1,6 @@
 """Self-attention of the decoder and its seams: rotary position embeddings (RoPE, with linear / llama3 scaling) and
 `attend`, the one place where q, k, v meet (PyTorch SDPA today; kernels and LongLoRA's shifted attention plug in here).
+RoPE runs through `slimtune.kernels.rope` (a fused kernel on CUDA, its PyTorch reference elsewhere).
 """
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from slimtune.kernels.rope import apply_rope
 from slimtune.models.config import ModelConfig
 from slimtune.models.layers import RMSNorm
+from slimtune.models.projections import project
 
 # With a KV cache the key length changes every step; cuDNN attention (the default on Hopper) builds a new plan per
 # shape (measured: 63 ms a decode step on an H100, flash 0.6 ms), so decoding uses flash, or math for masks.
@@ -40,18 +43,6 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
         medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
         inv = torch.where(medium, smoothed, scaled)
     return inv
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    """(x1, x2) -> (-x2, x1) over the last dim's halves: RoPE's pairing of feature i with i + hd/2."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate q (B, nh, T, hd) and k (B, nkv, T, hd) by the angles whose cos / sin are (B, T, hd)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd), broadcast over heads
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, decode: bool) -> Tensor:
@@ -91,9 +82,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, mask: Tensor | None,
                 cache=None) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd)
+        q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj])  # one fused call on CUDA
+        q = q.view(B, T, self.nh, self.hd)
+        k = k.view(B, T, self.nkv, self.hd)
+        v = v.view(B, T, self.nkv, self.hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
@@ -112,4 +104,4 @@ class Attention(nn.Module):
             mask = torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], -1)  # every query sees the prefix
             is_causal = False
         y = attend(q, k, v, mask, is_causal, decode=cache is not None)  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+        return project(y.transpose(1, 2).reshape(B, T, self.nh * self.hd), [self.o_proj])[0]

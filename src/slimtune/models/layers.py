@@ -1,11 +1,16 @@
-"""The decoder's non-attention layers: RMSNorm (or LayerNorm for GPT shapes) and the MLP (SwiGLU or plain)."""
+"""The decoder's non-attention layers: RMSNorm (or LayerNorm for GPT shapes) and the MLP (SwiGLU or plain). On CUDA
+RMSNorm and SwiGLU run as fused kernels and gate / up as one fused projection (`slimtune.kernels`, whose files hold
+the PyTorch reference of each, which runs elsewhere)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slimtune.kernels.rmsnorm import rms_norm
+from slimtune.kernels.swiglu import swiglu
 from slimtune.models.config import ModelConfig
+from slimtune.models.projections import project
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
@@ -20,10 +25,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -44,5 +46,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if hasattr(self, "gate_proj"):
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.act(self.up_proj(x)))
+            gate, up = project(x, [self.gate_proj, self.up_proj])  # (..., f) each
+            h = swiglu(gate, up) if self.act is F.silu else self.act(gate) * up
+        else:
+            h = self.act(self.up_proj(x))
+        return project(h, [self.down_proj])[0]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from slimtune.errors import ConfigError
+from slimtune.kernels import MODES
 from slimtune.models.recompute import CKPT_MODES
 from slimtune.optim.build import OPTIMIZERS
 from slimtune.optim.schedules import SCHEDULES
@@ -58,6 +59,8 @@ class TrainConfig:
     grad_ckpt: bool | str = False  # true: recompute each block in backward; offload: also keep the block inputs in
     # pinned host memory until their backward (the longest sequences)
     offload_activations: bool = False
+    kernels: str = "auto"  # fused GPU kernels: auto (on CUDA) or off (the PyTorch reference path, for debugging)
+    chunked_loss: bool = True  # the loss from the hidden states in chunks of tokens: never the (B, T, V) logits
     # ---- optimization
     batch_size: int = 4  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -107,6 +110,8 @@ class TrainConfig:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if len(self.betas) != 2:
             raise ConfigError(f"betas needs two numbers, e.g. [0.9, 0.999], got {self.betas}")
+        if self.kernels not in MODES:
+            raise ConfigError(f"kernels={self.kernels!r} is not one of {', '.join(MODES)}")
         if self.grad_ckpt not in CKPT_MODES:
             raise ConfigError(f"grad_ckpt={self.grad_ckpt!r} is not one of true, false, offload")
         if not self.data:

@@ -14,13 +14,13 @@ from slimtune.train.step import forward_loss
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, batch_size: int = 8, prec: Precision | None = None,
              device: torch.device | None = None, max_batches: int | None = None,
-             max_rows: int | None = None) -> dict[str, float]:
+             max_rows: int | None = None, chunked: bool = True) -> dict[str, float]:
     """Mean token loss and perplexity exp(loss) over the dataset (its first `max_batches` batches, or `max_rows`
     rows, if given), the model in eval mode meanwhile.
 
     Args:
         dataset: anything with `__len__` and `collate(indices) -> batch dict` (TokenDataset, ptq.TextRows).
-        prec: the precision policy (default fp32); device: default the model's.
+        prec: the precision policy (default fp32); device: default the model's; chunked: as `forward_loss`.
     Returns:
         {'val_loss': nats per predicted token, 'val_ppl'}.
     """
@@ -33,7 +33,8 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 8, prec: Precision | N
     model.eval()
     s, n = 0.0, 0
     for i in range(0, rows, batch_size):
-        loss_sum, count = forward_loss(model, dataset.collate(range(i, min(i + batch_size, rows))), prec, device)
+        batch = dataset.collate(range(i, min(i + batch_size, rows)))
+        loss_sum, count = forward_loss(model, batch, prec, device, chunked=chunked)
         s, n = s + loss_sum.item(), n + count
     model.train(was_training)
     loss = s / max(n, 1)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimtune import kernels
 from slimtune.errors import ConfigError
 from slimtune.optim.schedules import lr_at, total_steps
 from slimtune.train.build import build_data, build_model, build_optimizer, pick_device, predict_memory
@@ -118,7 +119,8 @@ class Run:
     def run_eval(self) -> dict[str, float] | None:
         if self.val_ds is None:
             return None
-        ev = evaluate(self.model, self.val_ds, self.cfg.batch_size, self.prec, self.device, self.cfg.eval_batches)
+        ev = evaluate(self.model, self.val_ds, self.cfg.batch_size, self.prec, self.device, self.cfg.eval_batches,
+                      chunked=self.cfg.chunked_loss)
         self.logger.log({"step": self.step, **ev})
         return ev
 
@@ -132,7 +134,7 @@ class Run:
         micro = [next(self.it) for _ in range(cfg.grad_accum)]
         try:
             res = train_step(self.model, micro, self.optimizer, self.scaler, self.prec, self.device,
-                             cfg.max_grad_norm, self.params, cfg.offload_activations)
+                             cfg.max_grad_norm, self.params, cfg.offload_activations, cfg.chunked_loss)
         except TrainingError as e:
             where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved yet"
             raise TrainingError(f"step {self.step + 1}: {e}; the run stopped, {where}; fix: lower lr (now "
@@ -213,6 +215,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     Raises:
         SlimtuneError subclasses for bad config, data, checkpoints; TrainingError when the loss diverges.
     """
+    with kernels.use(cfg.kernels):
+        return _train(cfg, log)
+
+
+def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
     run = Run(cfg, log)
     val_before = run.run_eval() if run.step == 0 else None
     if val_before:

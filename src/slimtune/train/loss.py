@@ -1,11 +1,15 @@
 """The causal language-model loss: summed next-token cross-entropy and the number of predicted tokens, so that the mean
-over a step with gradient accumulation (or over several GPUs) is one division by the total count."""
+over a step with gradient accumulation (or over several GPUs) is one division by the total count. `causal_lm_loss`
+takes logits; `lm_head_loss` takes the final hidden states and the LM head and never builds the (B, T, V) logits
+(`slimtune.kernels.cross_entropy`: chunks of tokens, gradients formed in the forward)."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from slimtune.data.tokenize import IGNORE_INDEX
+from slimtune.kernels.cross_entropy import linear_cross_entropy
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -32,3 +36,24 @@ def mean_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """The mean next-token cross-entropy over labels != -100 (0 when nothing is predicted)."""
     s, n = causal_lm_loss(logits, labels)
     return s / n.clamp_min(1)
+
+
+def chunkable_head(model: nn.Module) -> nn.Linear | None:
+    """The model's LM head when the chunked loss can use it: a plain nn.Linear (frozen or trained, tied or not) of a
+    model that exposes `hidden_states`; None for an adapted head (LoRA, modules_to_save) or another kind of model."""
+    head = getattr(model, "lm_head", None)
+    return head if type(head) is nn.Linear and hasattr(model, "hidden_states") else None
+
+
+def lm_head_loss(hidden: Tensor, head: nn.Linear, labels: Tensor, chunk_tokens: int | None = None) -> tuple[Tensor,
+                                                                                                              Tensor]:
+    """(summed next-token loss (fp32), predicted-token count) of logits = head(hidden), in chunks of tokens.
+
+    The logits are computed in the autocast dtype when autocast is on (as `head(hidden)` would), else in hidden's
+    dtype; a trained fp32 head is cast for the product and its gradient flows back through the cast.
+    """
+    dev = hidden.device.type
+    cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    with torch.autocast(dev, enabled=False):
+        b = None if head.bias is None else head.bias.to(cd)
+        return linear_cross_entropy(hidden.to(cd), head.weight.to(cd), labels, chunk_tokens, b)

@@ -13,7 +13,7 @@ from slimtune.data.pack import model_inputs
 from slimtune.data.tokenize import IGNORE_INDEX
 from slimtune.errors import SlimtuneError
 from slimtune.precision.policy import Precision
-from slimtune.train.loss import causal_lm_loss
+from slimtune.train.loss import causal_lm_loss, chunkable_head, lm_head_loss
 from slimtune.train.offload import offload_activations
 
 
@@ -21,16 +21,24 @@ class TrainingError(SlimtuneError):
     """The run diverged: a loss or gradient turned NaN/inf outside what loss scaling handles."""
 
 
-def forward_loss(model: nn.Module, batch: dict, prec: Precision, device: torch.device,
-                 offload: bool = False) -> tuple[torch.Tensor, int]:
-    """(summed token loss (fp32), number of predicted tokens) of one batch; `offload`: activations saved for
-    backward wait in host memory (`slimtune.train.offload`)."""
+def forward_loss(model: nn.Module, batch: dict, prec: Precision, device: torch.device, offload: bool = False,
+                 chunked: bool = True) -> tuple[torch.Tensor, int]:
+    """(summed token loss (fp32), number of predicted tokens) of one batch.
+
+    `offload`: activations saved for backward wait in host memory (`slimtune.train.offload`). `chunked`: the loss
+    is computed from the final hidden states in chunks of tokens (`train.loss.lm_head_loss`, no (B, T, V) logits)
+    where the model's head allows it; else from the full logits.
+    """
     b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    head = chunkable_head(model) if chunked else None
     with prec.context(device.type), offload_activations(model) if offload else contextlib.nullcontext():
         if len(getattr(model, "prompt_encoder", ())):  # prompt / p-tuning / prefix: virtual tokens go in first
             from slimtune.peft.prompt import forward_with_prompts
 
             logits = forward_with_prompts(model, b["input_ids"], b.get("attention_mask")).logits  # (B, T, V)
+        elif head is not None:
+            loss_sum, count = lm_head_loss(model.hidden_states(**model_inputs(b)), head, b["labels"])  # (B, T, d)
+            return loss_sum, int(count)
         else:
             logits = model(**model_inputs(b))  # (B, T, V)
     loss_sum, count = causal_lm_loss(logits, b["labels"])
@@ -38,7 +46,8 @@ def forward_loss(model: nn.Module, batch: dict, prec: Precision, device: torch.d
 
 
 def train_step(model: nn.Module, micro: list[dict], optimizer, scaler, prec: Precision, device: torch.device,
-               max_grad_norm: float, params: list[nn.Parameter], offload: bool = False) -> dict[str, Any]:
+               max_grad_norm: float, params: list[nn.Parameter], offload: bool = False,
+               chunked: bool = True) -> dict[str, Any]:
     """One optimizer step over the micro-batches `micro` (gradient accumulation).
 
     Every micro-batch's summed loss is divided by the token count of the whole step, so the accumulated gradient is
@@ -52,7 +61,7 @@ def train_step(model: nn.Module, micro: list[dict], optimizer, scaler, prec: Pre
     n_pred = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
     total = torch.zeros((), device=device)
     for b in micro:
-        loss_sum, _ = forward_loss(model, b, prec, device, offload)
+        loss_sum, _ = forward_loss(model, b, prec, device, offload, chunked)
         loss = loss_sum / max(n_pred, 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from slimtune.errors import ConfigError
 from slimtune.quant.codecs.base import Codec
-from slimtune.quant.codecs.fourbit import FourBitCodec
+from slimtune.quant.codecs.bnb import FourBitCodec
 from slimtune.quant.codecs.fp8 import Fp8Codec
 from slimtune.quant.codecs.int8 import Int8Codec, W8A8Codec
 from slimtune.quant.codecs.intk import IntKCodec

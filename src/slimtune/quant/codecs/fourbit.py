@@ -11,23 +11,24 @@ API: `quantize_4bit(w, fmt="nf4", block_size=64, double_quant=False, name="weigh
 `dequantize_4bit(q, dtype=None) -> Tensor`, `Quant4bit.absmax_fp32()`, `Quant4bit.nbits()`,
 `to_bnb_state_dict(q, prefix) -> dict[str, Tensor]`, `from_bnb_state_dict(sd, prefix) -> Quant4bit`,
 `quantize_blockwise_8bit(x, block_size=256)`, `dequantize_blockwise_8bit(codes, absmax, block_size=256)`,
-`code_table(fmt)`, `dynamic_map()`; `FourBitCodec` (the `QuantLinear` codec of "nf4" / "fp4"; its state dict is
-bitsandbytes' `Linear4bit` keys).
+`code_table(fmt)`, `dynamic_map()`. The `QuantLinear` codec of "nf4" / "fp4" and bitsandbytes' state-dict layout
+are in `bnb.py`.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from slimtune.errors import CheckpointError, ConfigError, PrecisionError
+from slimtune import kernels
+from slimtune.errors import ConfigError, PrecisionError
+from slimtune.kernels import nf4
 from slimtune.precision.formats import NF4_CODE
-from slimtune.quant.codecs.base import GroupedCodec
 
 FORMATS_4BIT = ("nf4", "fp4")
 # bitsandbytes "fp4": sign bit 8, magnitudes (code & 7) -> {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12 (an e2m1 with bias 3
@@ -224,13 +225,16 @@ def _pair_lut(fmt: str, device: str) -> Tensor:
     return torch.stack([code[b >> 4], code[b & 15]], 1)
 
 
-def dequantize_4bit(q: Quant4bit, dtype: torch.dtype | None = None) -> Tensor:
-    """The tensor `q` encodes, shape `q.shape`, in `dtype` (default: the dtype it was quantized from).
+def with_tables(q: Quant4bit) -> Quant4bit:
+    """`q` with its 16- and 256-entry tables set on its device (a checkpoint's own, else the built-in ones)."""
+    dev = q.packed.device
+    code = code_table(q.fmt, dev) if q.code is None else q.code.to(dev, torch.float32)
+    nested = dynamic_map(dev) if q.nested_code is None else q.nested_code.to(dev, torch.float32)
+    return dataclasses.replace(q, code=code, nested_code=nested)
 
-    Values are `code[c] * absmax` computed in fp32 and rounded once to `dtype`, as bitsandbytes does. `code`
-    overrides the 16-entry table (a checkpoint's own `quant_map`).
-    """
-    dtype = dtype or q.dtype
+
+def _reference(q: Quant4bit, dtype: torch.dtype) -> Tensor:
+    """The PyTorch path of `dequantize_4bit`: one gather of two values per byte, the fp32 absmax multiply, one cast."""
     n, B = math.prod(q.shape), q.block_size
     dev = str(q.packed.device)
     if q.code is None:
@@ -247,128 +251,29 @@ def dequantize_4bit(q: Quant4bit, dtype: torch.dtype | None = None) -> Tensor:
     return v.view(-1)[:n].to(dtype).view(q.shape)
 
 
-# ---- bitsandbytes state-dict layout ---------------------------------------------------------------------------------
-def to_bnb_state_dict(q: Quant4bit, prefix: str = "") -> dict[str, Tensor]:
-    """The tensors bitsandbytes' `Linear4bit` saves for its weight: `{prefix}weight`, `weight.absmax`,
-    `weight.quant_map`, (`weight.nested_absmax`, `weight.nested_quant_map`), `weight.quant_state.bitsandbytes__<fmt>`
-    (uint8 bytes of a JSON object with quant_type, blocksize, dtype, shape and the nested fields)."""
-    dev = q.packed.device
-    sd = {f"{prefix}weight": q.packed, f"{prefix}weight.absmax": q.absmax,
-          f"{prefix}weight.quant_map": code_table(q.fmt, dev).clone()}
-    meta = {"quant_type": q.fmt, "blocksize": q.block_size, "dtype": str(q.dtype).removeprefix("torch."),
-            "shape": list(q.shape)}
-    if q.nested:
-        sd[f"{prefix}weight.nested_absmax"] = q.nested_absmax
-        sd[f"{prefix}weight.nested_quant_map"] = dynamic_map(dev).clone()
-        meta.update(nested_blocksize=q.nested_block_size, nested_dtype="float32",
-                    nested_offset=float(q.nested_offset))
-    raw = json.dumps(meta).encode("utf-8")
-    sd[f"{prefix}weight.quant_state.bitsandbytes__{q.fmt}"] = torch.tensor(list(raw), dtype=torch.uint8)
-    return sd
+def dequantize_4bit(q: Quant4bit, dtype: torch.dtype | None = None) -> Tensor:
+    """The tensor `q` encodes, shape `q.shape`, in `dtype` (default: the dtype it was quantized from).
 
-
-def from_bnb_state_dict(sd: dict[str, Tensor], prefix: str = "") -> Quant4bit:
-    """Read a 4-bit weight saved by bitsandbytes (or `to_bnb_state_dict`), with the code tables it was saved with.
-
-    Raises:
-        CheckpointError: a missing scale or quant-state entry (names the key).
+    Values are `code[c] * absmax` computed in fp32 and rounded once to `dtype`, as bitsandbytes does. `code`
+    overrides the 16-entry table (a checkpoint's own `quant_map`). On CUDA one Triton kernel does it
+    (`slimtune.kernels.nf4`, bitwise equal); elsewhere, or with kernels off, the PyTorch path.
     """
-    key = next((k for k in sd if k.startswith(f"{prefix}weight.quant_state.bitsandbytes__")), None)
-    for need in (f"{prefix}weight", f"{prefix}weight.absmax", key or f"{prefix}weight.quant_state.bitsandbytes__nf4"):
-        if need not in sd:
-            raise CheckpointError(f"quantized checkpoint lacks {need} (the 4-bit weight's scales/state); "
-                                  "re-quantize the model or re-download the checkpoint")
-    meta = json.loads(bytes(sd[key].cpu().tolist()).decode("utf-8"))
-    fmt = meta["quant_type"]
-    q = Quant4bit(sd[f"{prefix}weight"].view(torch.uint8).reshape(-1, 1), sd[f"{prefix}weight.absmax"],
-                  torch.Size(meta["shape"]), getattr(torch, meta["dtype"]), fmt, int(meta["blocksize"]))
-    if "nested_offset" in meta:
-        nk = f"{prefix}weight.nested_absmax"
-        if nk not in sd:
-            raise CheckpointError(f"quantized checkpoint lacks {nk} (double-quantized scales); re-quantize it")
-        q.nested_absmax = sd[nk].float()
-        q.nested_offset = torch.tensor(float(meta["nested_offset"]), device=q.absmax.device)
-        q.nested_block_size = int(meta.get("nested_blocksize", 256))
-        q.nested_code = sd.get(f"{prefix}weight.nested_quant_map")
-    q.code = sd.get(f"{prefix}weight.quant_map")
-    return q
+    dtype = dtype or q.dtype
+    if not kernels.enabled(q.packed.device):
+        return _reference(q, dtype)
+    out = torch.empty(q.shape, dtype=dtype, device=q.packed.device)
+    nf4.dequantize_4bit_into(out.view(-1), [with_tables(q)])
+    return out
 
 
-# ---- the QuantLinear codec ------------------------------------------------------------------------------------------
-class FourBitCodec(GroupedCodec):
-    """NF4 / FP4 with one absmax per block of 64 (optionally double-quantized), buffers as bitsandbytes names them:
-    `weight` uint8 ((n + 1) // 2, 1), `absmax` (fp32, or uint8 codes with `nested_absmax` fp32 and `nested_offset`)."""
-
-    code_bits = 4
-
-    def __init__(self, fmt: str) -> None:
-        self.name = fmt
-
-    def check(self, in_f: int, group: int | None, name: str) -> int | None:
-        group = self.default_group if group is None else group
-        check_block(group, f"layer {name}: block size")
-        return group
-
-    def buffers(self, out_f: int, in_f: int, group: int | None, dq: bool, device) -> dict[str, Tensor]:
-        nb = -(-out_f * in_f // group)
-        b = {"weight": torch.empty(((out_f * in_f + 1) // 2, 1), dtype=torch.uint8, device=device),
-             "absmax": torch.empty(nb, dtype=torch.uint8 if dq else torch.float32, device=device)}
-        if dq:
-            b["nested_absmax"] = torch.empty(-(-nb // 256), dtype=torch.float32, device=device)
-            b["nested_offset"] = torch.empty((), dtype=torch.float32, device=device)
-        return b
-
-    def quantize(self, w: Tensor, group: int | None, dq: bool, name: str) -> dict[str, Tensor]:
-        q = quantize_4bit(w, self.name, group, dq, name)
-        bufs = {"weight": q.packed, "absmax": q.absmax}
-        if q.nested:
-            bufs.update(nested_absmax=q.nested_absmax, nested_offset=q.nested_offset)
-        return bufs
-
-    def nbytes(self, out_f: int, in_f: int, group: int | None = None, dq: bool = False) -> int:
-        n = out_f * in_f
-        nb = -(-n // (group or self.default_group))  # blocks, each with one absmax
-        absmax = nb + 4 * -(-nb // 256) + 4 if dq else 4 * nb
-        return (n + 1) // 2 + absmax
-
-    def table_bytes(self, dq: bool) -> int:
-        return 16 * 4 + (256 * 4 if dq else 0)  # quant_map (fp32) and, nested, nested_quant_map (fp32)
-
-    @staticmethod
-    def state(m: nn.Module) -> Quant4bit:
-        """The layer's buffers as a `Quant4bit` (with the code tables a loaded checkpoint brought, if any)."""
-        nested = m.double_quant
-        return Quant4bit(m.weight, m.absmax, torch.Size((m.out_features, m.in_features)), m.compute_dtype, m.fmt,
-                         m.group_size, m.nested_absmax if nested else None, m.nested_offset if nested else None,
-                         code=getattr(m, "_code", None), nested_code=getattr(m, "_nested_code", None))
-
-    def dequantize(self, m: nn.Module, dtype: torch.dtype) -> Tensor:
-        return dequantize_4bit(self.state(m), dtype)
-
-    def save_state(self, m: nn.Module, prefix: str) -> dict[str, Tensor] | None:
-        return to_bnb_state_dict(self.state(m), prefix)
-
-    def load_state(self, m: nn.Module, sd: dict[str, Tensor], prefix: str, assign: bool) -> list[str] | None:
-        own = {k: v for k, v in sd.items() if k.startswith(prefix) and "." not in k[len(prefix):]
-               or k.startswith(prefix + "weight.")}
-        q = from_bnb_state_dict(own, prefix)
-        if (q.fmt, q.block_size, q.nested, tuple(q.shape)) != (m.fmt, m.group_size, m.double_quant,
-                                                               (m.out_features, m.in_features)):
-            raise CheckpointError(f"{prefix}weight: checkpoint holds {q.fmt} block {q.block_size} nested={q.nested} "
-                                  f"shape {tuple(q.shape)}, the model expects {m.fmt} block {m.group_size} "
-                                  f"nested={m.double_quant} shape {(m.out_features, m.in_features)}")
-        bufs = {"weight": q.packed, "absmax": q.absmax}
-        if q.nested:
-            bufs.update(nested_absmax=q.nested_absmax, nested_offset=q.nested_offset.float())
-        for k, v in bufs.items():
-            cur = getattr(m, k)
-            if assign or cur.is_meta:
-                setattr(m, k, v)
-            elif cur.shape != v.shape:
-                raise CheckpointError(f"{prefix}{k}: checkpoint shape {tuple(v.shape)}, model {tuple(cur.shape)}")
-            else:
-                cur.copy_(v)
-        m._code, m._nested_code = q.code, q.nested_code
-        m.compute_dtype = q.dtype
-        known = set(to_bnb_state_dict(q, prefix)) | {prefix + "weight.nested_quant_map", prefix + "bias"}
-        return [k for k in own if k not in known]
+def dequantize_4bit_into(out: Tensor, qs: list[Quant4bit]) -> Tensor:
+    """Several 4-bit weights dequantized one after the other into the flat buffer `out` (e.g. q, k, v stacked by
+    rows): on CUDA one kernel launch per three weights. Returns `out`."""
+    if kernels.enabled(out.device):
+        return nf4.dequantize_4bit_into(out, [with_tables(q) for q in qs])
+    o = 0
+    for q in qs:
+        n = math.prod(q.shape)
+        out[o:o + n].copy_(_reference(q, out.dtype).view(-1))
+        o += n
+    return out
