@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv | te
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   step cuda-tests env PYTHONPATH=src python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_nf4.py \
     tests/test_kernels_rmsnorm.py tests/test_kernels_rope.py tests/test_kernels_swiglu.py tests/test_kernels_lora.py \
-    tests/test_kernels_cross_entropy.py tests/test_kernels_triton.py
+    tests/test_kernels_cross_entropy.py tests/test_kernels_triton.py tests/test_train_graphed.py ${EXTRA_TESTS:-}
 fi
 [ "${SKIP_MICRO:-0}" = 1 ] || step kernels-micro env PYTHONPATH=src OUT="$OUT" python3 benchmarks/kernels_check.py --quick
 CK=/tmp/slimtune_qlora_model/llama3-8b
@@ -25,6 +25,7 @@ IFS=';' read -ra SETS <<< "${ST_RUNS-"--kernels auto --profile;--kernels off --p
 for s in "${SETS[@]}"; do
   step "slimtune $s" env PYTHONPATH=src python3 benchmarks/qlora_8b.py --batch 1 $s
 done
+[ "${RUN_CURVE:-0}" = 1 ] && step loss-curve env PYTHONPATH=src OUT="$OUT" python3 benchmarks/loss_curve.py
 if [ -d .old ] && [ "${SKIP_OLD:-0}" != 1 ]; then
   step "before the layout (0e17dab)" env PYTHONPATH=.old/src python3 .old/benchmarks/qlora_8b.py --batch 1 --model $CK
 fi
@@ -33,7 +34,9 @@ import json, sys
 for l in open(sys.argv[1]):
     try: r = json.loads(l)
     except ValueError: continue
+    if "stack" not in r: continue
     p = r.get("profile") or {}
     print(r.get("stack"), r.get("mode"), "b", r.get("batch"), "k", r.get("kernels", "-"), "tok/s", r.get("tokens_per_s"),
-          "GiB", r.get("peak_gib"), "launches", p.get("launches"), "idle", p.get("idle_frac"), "loss", r.get("loss_last"))
+          "GiB", r.get("peak_gib"), "graph", r.get("graph"), "launches", p.get("launches"), "api", p.get("cpu_launch_calls"),
+          "idle", p.get("idle_frac"), "loss", r.get("loss_last"))
 PY

@@ -75,7 +75,10 @@ def profile_step(step, dev: torch.device) -> dict:
         step()
         torch.cuda.synchronize() if dev.type == "cuda" else None
     wall = time.perf_counter() - t0
-    kern = [e for e in prof.events() if e.device_type.name == "CUDA"] if dev.type == "cuda" else []
+    evs = prof.events()
+    kern = [e for e in evs if e.device_type.name == "CUDA"] if dev.type == "cuda" else []
+    api = sum(1 for e in evs if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
+                                          "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync"))
     spans = sorted((e.time_range.start, e.time_range.end) for e in kern)
     busy, cur_s, cur_e = 0.0, None, None
     for s, e in spans:  # merge overlapping kernel intervals (us)
@@ -89,7 +92,7 @@ def profile_step(step, dev: torch.device) -> dict:
     for e in kern:
         by_name[e.name] = by_name.get(e.name, 0.0) + (e.time_range.end - e.time_range.start)
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:5]
-    return {"launches": len(kern), "kernel_ms": round(sum(by_name.values()) / 1e3, 1), "busy_ms": round(busy / 1e3, 1),
+    return {"launches": len(kern), "cpu_launch_calls": api, "kernel_ms": round(sum(by_name.values()) / 1e3, 1), "busy_ms": round(busy / 1e3, 1),
             "wall_ms": round(wall * 1e3, 1), "idle_frac": round(1 - busy / 1e3 / (wall * 1e3), 3) if kern else None,
             "top": [(n[:60], round(t / 1e3, 1)) for n, t in top]}
 
@@ -105,6 +108,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--ckpt", choices=["true", "offload", "false"], default="true")
     ap.add_argument("--kernels", choices=["auto", "off"], default="auto")
+    ap.add_argument("--graph", choices=["auto", "off"], default="auto", help="replay steps as a CUDA graph")
+    ap.add_argument("--loss", choices=["chunked", "full"], default="chunked")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--workdir", default="/tmp/slimtune_qlora_model")
     ap.add_argument("--model", help="an existing bf16 HF checkpoint of the shape instead (e.g. the one hf_baseline.py "
@@ -118,6 +123,8 @@ def main() -> None:
     from slimtune.peft import apply_method, freeze_base
     from slimtune.precision.policy import apply_precision, resolve_precision
     from slimtune.quant.linear import QuantLinear
+    from slimtune.optim.build import make_optimizer
+    from slimtune.train.graphed import GraphedStep, supported
     from slimtune.train.step import train_step
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,7 +148,7 @@ def main() -> None:
     model.grad_ckpt = {"true": True, "false": False, "offload": "offload"}[a.ckpt]
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
+    opt = make_optimizer(params, "adamw", lr=1e-4)  # fused and capturable on CUDA, as the training loop builds it
 
     d, L, f, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
     kv = d * cfg.num_key_value_heads // cfg.num_attention_heads
@@ -151,8 +158,15 @@ def main() -> None:
     ids = torch.randint(0, V, (a.batch, seq), generator=g)
     batch = {"input_ids": ids, "labels": ids.clone()}
 
+    chunked = a.loss == "chunked"
+    graphed = None
+    if a.graph == "auto" and supported(model, opt, None, dev, False) is None:
+        graphed = GraphedStep(model, opt, prec, dev, 0.0, params, chunked)
+
     def step() -> float:
-        return train_step(model, [batch], opt, None, prec, dev, 0.0, params)["loss"]
+        if graphed is not None:
+            return graphed([batch], 1e-4)["loss"]
+        return train_step(model, [batch], opt, None, prec, dev, 0.0, params, chunked=chunked)["loss"]
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -169,7 +183,7 @@ def main() -> None:
     tok_s = a.batch * seq * a.steps / dt
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     res = dict(stack="slimtune", shape=a.shape, mode=a.mode, seq=seq, batch=a.batch, rank=a.rank, grad_ckpt=a.ckpt,
-               kernels=a.kernels, tokens_per_s=round(tok_s, 1), step_s=round(dt / a.steps, 4),
+               kernels=a.kernels, graph=graphed is not None, loss=a.loss, tokens_per_s=round(tok_s, 1), step_s=round(dt / a.steps, 4),
                peak_gib=None if peak is None else round(peak, 2),
                mfu=round(tok_s * flops_tok / 989e12, 4) if dev.type == "cuda" else None,
                trainable=sum(p.numel() for p in params), load_s=round(load_s, 1),

@@ -49,7 +49,7 @@ def test_kernel_against_reference(shape, dtype, wdtype):
         return
     for a, b, t in zip(got, ref, truth):
         assert rel(a, b) < 1e-2
-        assert rel(a, t) <= rel(b, t) + 1e-2 * 2 ** -7
+        assert rel(a, t) <= rel(b, t) + 2 ** -8  # no worse than the reference beyond one rounding of bf16
 
 
 @needs_triton

@@ -136,8 +136,9 @@ def run_blocks(layers: nn.ModuleList, x: Tensor, cos, sin, mask, cache, mode, po
         if offloaded is not None:
             params = [p for p in layer.parameters() if p.requires_grad]
             x = _OffloadedBlock.apply(offloaded, layer, x, cos, sin, mask, *params)
-        elif mode:
-            x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+        elif mode:  # RNG states cannot be read while a CUDA graph is captured (graphed steps run no dropout)
+            x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False,
+                           preserve_rng_state=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
         else:
             x = layer(x, cos, sin, mask, cache)
     return x

@@ -60,7 +60,9 @@ def make_optimizer(params: Iterable, name: str = "adamw", lr: float = 1e-4, weig
         return AdamWFp32State(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if fused is None:
         fused = all(p.is_cuda for p in ps)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
+    # capturable: its step count lives on the device, so that a training step can be replayed as a CUDA graph
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None,
+                             capturable=bool(fused))
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -45,11 +45,12 @@ class Precision:
     frozen_dtype: torch.dtype
     loss_scaling: bool
 
-    def context(self, device_type: str) -> contextlib.AbstractContextManager:
-        """The autocast context of the forward pass (a null context for fp32 and bf16-true)."""
+    def context(self, device_type: str, cache: bool = True) -> contextlib.AbstractContextManager:
+        """The autocast context of the forward pass (a null context for fp32 and bf16-true); `cache=False` while a
+        CUDA graph is captured (autocast's cache of cast weights would outlive the capture)."""
         if not self.autocast:
             return contextlib.nullcontext()
-        return torch.autocast(device_type, dtype=self.compute_dtype)
+        return torch.autocast(device_type, dtype=self.compute_dtype, cache_enabled=cache)
 
     def make_scaler(self, device_type: str) -> "torch.amp.GradScaler | None":
         """A dynamic loss scaler for fp16-mixed (initial scale 2^16, x0.5 on overflow, x2 after 2000 good steps)."""

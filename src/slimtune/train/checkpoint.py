@@ -75,7 +75,9 @@ def flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Ten
                 raise CheckpointError(f"optimizer state {idx}.{k} is a {type(v).__name__}; only tensors and numbers "
                                       "can be checkpointed")
         state_js[str(idx)] = entry
-    return {"state": state_js, "param_groups": sd["param_groups"]}, tensors
+    groups = [{k: v.item() if isinstance(v, Tensor) else v for k, v in g.items()}  # a graphed step's lr is a tensor
+              for g in sd["param_groups"]]
+    return {"state": state_js, "param_groups": groups}, tensors
 
 
 def unflatten_optimizer(js: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:

@@ -61,6 +61,7 @@ class TrainConfig:
     offload_activations: bool = False
     kernels: str = "auto"  # fused GPU kernels: auto (on CUDA) or off (the PyTorch reference path, for debugging)
     chunked_loss: bool = True  # the loss from the hidden states in chunks of tokens: never the (B, T, V) logits
+    cuda_graph: str = "auto"  # auto: replay each step as a CUDA graph where the run allows it (train/graphed.py); off
     # ---- optimization
     batch_size: int = 4  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -110,6 +111,8 @@ class TrainConfig:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if len(self.betas) != 2:
             raise ConfigError(f"betas needs two numbers, e.g. [0.9, 0.999], got {self.betas}")
+        if self.cuda_graph not in ("auto", "off"):
+            raise ConfigError(f"cuda_graph={self.cuda_graph!r} is not one of auto, off")
         if self.kernels not in MODES:
             raise ConfigError(f"kernels={self.kernels!r} is not one of {', '.join(MODES)}")
         if self.grad_ckpt not in CKPT_MODES:

@@ -24,6 +24,8 @@ from slimtune.train.build import build_data, build_model, build_optimizer, pick_
 from slimtune.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from slimtune.train.config import TrainConfig, resume_keys, save_config
 from slimtune.train.evaluate import evaluate
+from slimtune.train.graphed import GraphedStep
+from slimtune.train.graphed import supported as graph_supported
 from slimtune.train.metrics import MetricsLogger, plot_losses, truncate_metrics
 from slimtune.train.step import TrainingError, train_step
 
@@ -83,6 +85,7 @@ class Run:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg)
         self.scaler = self.prec.make_scaler(self.device.type)
+        self.graphed = self._graphed()
         self.it = DataIterator(self.train_ds, cfg.batch_size, seed=cfg.seed)
         self.total = total_steps(cfg.max_steps, cfg.epochs, self.it.batches_per_epoch, cfg.grad_accum)
         self.step, self.last_ckpt = 0, None
@@ -95,6 +98,18 @@ class Run:
             truncate_metrics(self.metrics_path, self.step)
         self.logger = MetricsLogger(self.out, cfg.log_tensorboard)
         self.t_train, self.tok_done, self.last = 0.0, 0, {}
+
+    def _graphed(self) -> GraphedStep | None:
+        """The CUDA-graph stepper where the run allows it (`cuda_graph=auto`), else None (eager steps)."""
+        cfg = self.cfg
+        why = "cuda_graph=off" if cfg.cuda_graph == "off" else \
+            graph_supported(self.model, self.optimizer, self.scaler, self.device, cfg.offload_activations)
+        if why is None:
+            return GraphedStep(self.model, self.optimizer, self.prec, self.device, cfg.max_grad_norm, self.params,
+                               cfg.chunked_loss)
+        if self.device.type == "cuda":
+            self.log(f"steps run eagerly, not as CUDA graphs ({why})")
+        return None
 
     def _resume(self) -> None:
         if not self.cfg.resume:
@@ -128,13 +143,17 @@ class Run:
         """Set the learning rate, run one optimizer step, log it; returns the metrics row."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg.lr, self.total, cfg.warmup_steps, cfg.schedule, cfg.min_lr)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        if self.graphed is None:  # (the graphed step sets its own device-side learning rate)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
         t0 = time.perf_counter()
         micro = [next(self.it) for _ in range(cfg.grad_accum)]
         try:
-            res = train_step(self.model, micro, self.optimizer, self.scaler, self.prec, self.device,
-                             cfg.max_grad_norm, self.params, cfg.offload_activations, cfg.chunked_loss)
+            if self.graphed is not None:
+                res = self.graphed(micro, lr)
+            else:
+                res = train_step(self.model, micro, self.optimizer, self.scaler, self.prec, self.device,
+                                 cfg.max_grad_norm, self.params, cfg.offload_activations, cfg.chunked_loss)
         except TrainingError as e:
             where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved yet"
             raise TrainingError(f"step {self.step + 1}: {e}; the run stopped, {where}; fix: lower lr (now "

@@ -21,28 +21,39 @@ class TrainingError(SlimtuneError):
     """The run diverged: a loss or gradient turned NaN/inf outside what loss scaling handles."""
 
 
-def forward_loss(model: nn.Module, batch: dict, prec: Precision, device: torch.device, offload: bool = False,
-                 chunked: bool = True) -> tuple[torch.Tensor, int]:
-    """(summed token loss (fp32), number of predicted tokens) of one batch.
+def batch_loss(model: nn.Module, batch: dict, prec: Precision, device: torch.device, offload: bool = False,
+               chunked: bool = True, autocast_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed token loss (fp32), number of predicted tokens (int64 tensor)) of one batch, without a device sync.
 
     `offload`: activations saved for backward wait in host memory (`slimtune.train.offload`). `chunked`: the loss
     is computed from the final hidden states in chunks of tokens (`train.loss.lm_head_loss`, no (B, T, V) logits)
-    where the model's head allows it; else from the full logits.
+    where the model's head allows it; else from the full logits. `autocast_cache`: off while capturing a CUDA graph.
     """
     b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     head = chunkable_head(model) if chunked else None
-    with prec.context(device.type), offload_activations(model) if offload else contextlib.nullcontext():
+    with prec.context(device.type, autocast_cache), \
+            offload_activations(model) if offload else contextlib.nullcontext():
         if len(getattr(model, "prompt_encoder", ())):  # prompt / p-tuning / prefix: virtual tokens go in first
             from slimtune.peft.prompt import forward_with_prompts
 
             logits = forward_with_prompts(model, b["input_ids"], b.get("attention_mask")).logits  # (B, T, V)
         elif head is not None:
-            loss_sum, count = lm_head_loss(model.hidden_states(**model_inputs(b)), head, b["labels"])  # (B, T, d)
-            return loss_sum, int(count)
+            return lm_head_loss(model.hidden_states(**model_inputs(b)), head, b["labels"])  # from (B, T, d)
         else:
             logits = model(**model_inputs(b))  # (B, T, V)
-    loss_sum, count = causal_lm_loss(logits, b["labels"])
+    return causal_lm_loss(logits, b["labels"])
+
+
+def forward_loss(model: nn.Module, batch: dict, prec: Precision, device: torch.device, offload: bool = False,
+                 chunked: bool = True) -> tuple[torch.Tensor, int]:
+    """`batch_loss` with the token count as a Python int."""
+    loss_sum, count = batch_loss(model, batch, prec, device, offload, chunked)
     return loss_sum, int(count)
+
+
+def predicted_tokens(micro: list[dict]) -> int:
+    """Tokens the micro-batches predict (labels after the first position that are not -100), counted on the CPU."""
+    return sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
 
 
 def train_step(model: nn.Module, micro: list[dict], optimizer, scaler, prec: Precision, device: torch.device,
@@ -58,7 +69,7 @@ def train_step(model: nn.Module, micro: list[dict], optimizer, scaler, prec: Pre
     Raises:
         TrainingError: the loss is NaN/inf, or (without a scaler) a gradient is.
     """
-    n_pred = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    n_pred = predicted_tokens(micro)
     total = torch.zeros((), device=device)
     for b in micro:
         loss_sum, _ = forward_loss(model, b, prec, device, offload, chunked)
