@@ -15,7 +15,7 @@ step() {  # step NAME CMD...: log, time, keep JSON lines
 }
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv | tee -a "$OUT/log.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  step cuda-tests env PYTHONPATH=src python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_nf4.py \
+  step cuda-tests env PYTHONPATH=src python3 -m pytest -q -p no:cacheprovider tests/test_kernels_nf4.py \
     tests/test_kernels_rmsnorm.py tests/test_kernels_rope.py tests/test_kernels_swiglu.py tests/test_kernels_lora.py \
     tests/test_kernels_cross_entropy.py tests/test_kernels_triton.py tests/test_train_graphed.py ${EXTRA_TESTS:-}
 fi

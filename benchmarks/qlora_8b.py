@@ -91,7 +91,7 @@ def profile_step(step, dev: torch.device) -> dict:
     by_name: dict[str, float] = {}
     for e in kern:
         by_name[e.name] = by_name.get(e.name, 0.0) + (e.time_range.end - e.time_range.start)
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:5]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
     return {"launches": len(kern), "cpu_launch_calls": api, "kernel_ms": round(sum(by_name.values()) / 1e3, 1), "busy_ms": round(busy / 1e3, 1),
             "wall_ms": round(wall * 1e3, 1), "idle_frac": round(1 - busy / 1e3 / (wall * 1e3), 3) if kern else None,
             "top": [(n[:60], round(t / 1e3, 1)) for n, t in top]}
@@ -142,6 +142,7 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     packed = sum(m.nbytes() for m in model.modules() if isinstance(m, QuantLinear))
     loaded_gib = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+    torch.manual_seed(0)  # the same adapters in every run, so that losses compare
     apply_method(model, {"method": "lora", "r": a.rank, "lora_alpha": a.rank, "target_modules": TARGETS})
     freeze_base(model)
     apply_precision(model, prec)  # LoRA fp32, frozen non-quantized weights (embeddings, norms, head) stay bf16

@@ -70,6 +70,16 @@ def enabled(device: torch.device | str, setting: bool | str | None = None) -> bo
     return mode in _ON and interpreting()
 
 
+def fused(device: torch.device | str) -> bool:
+    """Whether the pure-PyTorch fusions (the fused LoRA projections: fewer, larger ops and a hand-written backward)
+    run for tensors on `device`: on CUDA unless kernels are off, anywhere when they are forced on."""
+    mode = _mode or os.environ.get(ENV, "auto")
+    mode = str(mode).lower()
+    if mode in _OFF:
+        return False
+    return mode in _ON or torch.device(device).type == "cuda"
+
+
 class LazyKernel:
     """A Triton kernel compiled on first use: `triton.jit` (or the interpreter) is applied then, to this function and
     to every other `LazyKernel` of its module (kernels call helpers by their global name)."""

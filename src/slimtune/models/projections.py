@@ -67,7 +67,7 @@ def project(x: Tensor, layers: Sequence[nn.Module]) -> list[Tensor]:
     Returns:
         one (..., out_features) tensor per layer.
     """
-    if not (kernels.enabled(x.device) and all(_fusable(m) for m in layers)):
+    if not (kernels.fused(x.device) and all(_fusable(m) for m in layers)):
         return [m(x) for m in layers]
     bases = [getattr(m, "base_layer", m) for m in layers]
     adapters: list[Adapter] = []

@@ -59,9 +59,9 @@ class TrainConfig:
     grad_ckpt: bool | str = False  # true: recompute each block in backward; offload: also keep the block inputs in
     # pinned host memory until their backward (the longest sequences)
     offload_activations: bool = False
-    kernels: str = "auto"  # fused GPU kernels: auto (on CUDA) or off (the PyTorch reference path, for debugging)
+    kernels: str | bool = "auto"  # fused GPU kernels: auto (on CUDA) or off (the PyTorch reference path, for debugging)
     chunked_loss: bool = True  # the loss from the hidden states in chunks of tokens: never the (B, T, V) logits
-    cuda_graph: str = "auto"  # auto: replay each step as a CUDA graph where the run allows it (train/graphed.py); off
+    cuda_graph: str | bool = "auto"  # auto: replay each step as a CUDA graph where the run allows it (train/graphed.py)
     # ---- optimization
     batch_size: int = 4  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -111,6 +111,9 @@ class TrainConfig:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if len(self.betas) != 2:
             raise ConfigError(f"betas needs two numbers, e.g. [0.9, 0.999], got {self.betas}")
+        # YAML reads a bare off / on as false / true
+        self.kernels = {False: "off", True: "on"}.get(self.kernels, self.kernels)
+        self.cuda_graph = {False: "off", True: "auto"}.get(self.cuda_graph, self.cuda_graph)
         if self.cuda_graph not in ("auto", "off"):
             raise ConfigError(f"cuda_graph={self.cuda_graph!r} is not one of auto, off")
         if self.kernels not in MODES:
