@@ -6,9 +6,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from serve_helpers import make_adapters, reference_ids, serving
 
-from slimtune.models.tiny import builtin_tokenizer
+pytest.importorskip("uvicorn", reason="the server needs the serve extra (starlette, uvicorn)")
+from serve_helpers import make_adapters, reference_ids, serving  # noqa: E402
+
+from slimtune.models.tiny import builtin_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TOK = builtin_tokenizer()

