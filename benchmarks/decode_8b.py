@@ -40,6 +40,8 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--quant", choices=["nf4"], help="quantize the linear layers first (NF4 + double quant); the "
+                                                     "transformers comparison is then skipped")
     a = ap.parse_args()
     from slimtune.generate import SamplingConfig, generate
     from slimtune.models.shapes import build_meta, get_shape
@@ -47,6 +49,16 @@ def main():
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = get_shape(a.shape).replace(dtype="bfloat16")
     model = materialise(build_meta(cfg), dev).to(torch.bfloat16).eval()
+    if a.quant:
+        from slimtune.quant.linear import quantize_model
+
+        quantize_model(model, a.quant)
+        a.no_hf = True
+        bw = sum(b.numel() * b.element_size() for b in model.buffers()) + \
+            sum(p.numel() * p.element_size() for p in model.parameters())
+        floor = bw / 4.3e12  # every weight byte read once per token at the measured copy bandwidth
+        print(json.dumps({"quant": a.quant, "weight_gib": round(bw / 2**30, 2),
+                          "bandwidth_floor_tok_s": round(1 / floor, 1)}))
     model._inv_freq = {"cpu": model._inv_freq["cpu"]}
     V = cfg.vocab_size
     g = torch.Generator().manual_seed(1)
