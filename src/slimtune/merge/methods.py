@@ -100,11 +100,11 @@ def dare_seed(seed: int, key: str, block: int) -> int:
     return int.from_bytes(h, "little") >> 1
 
 
-def dare_keep(seed: int, key: str, numel: int, start: int, n: int, density: float) -> Tensor:
-    """The keep-mask (True with probability `density`) of elements [start, start + n) of a tensor of `numel` elements.
+def dare_uniform(seed: int, key: str, numel: int, start: int, n: int) -> Tensor:
+    """Uniform [0, 1) draws for elements [start, start + n) of a tensor of `numel` elements.
 
-    The uniform draws are made per fixed block of DARE_BLOCK elements of the flattened tensor, each block from its own
-    generator seeded by (seed, key, block), so the mask depends only on the seed, the key (tensor and model) and the
+    The draws are made per fixed block of DARE_BLOCK elements of the flattened tensor, each block from its own
+    generator seeded by (seed, key, block), so they depend only on the seed, the key (tensor and model) and the
     position: the same for any chunking, any machine.
     """
     parts = []
@@ -114,7 +114,12 @@ def dare_keep(seed: int, key: str, numel: int, start: int, n: int, density: floa
         parts.append(torch.rand(min(DARE_BLOCK, numel - b * DARE_BLOCK), generator=g))
     u = torch.cat(parts) if len(parts) > 1 else parts[0]
     off = start - first * DARE_BLOCK
-    return u[off:off + n] < density
+    return u[off:off + n]
+
+
+def dare_keep(seed: int, key: str, numel: int, start: int, n: int, density: float) -> Tensor:
+    """The keep-mask (True with probability `density`) of elements [start, start + n), from `dare_uniform`."""
+    return dare_uniform(seed, key, numel, start, n) < density
 
 
 def dare_drop(delta: Tensor, keep: Tensor, density: float, rescale: bool = True) -> Tensor:
