@@ -12,8 +12,7 @@ import sys
 import pytest
 import torch
 
-from slimtune.data import (IGNORE_INDEX, DataConfig, build_datasets, get_renderer, read_records, to_examples,
-                           tokenize_examples)
+from slimtune.data import (IGNORE_INDEX, DataConfig, build_datasets, read_records)
 from slimtune.data.templates import tool_call_text
 from slimtune.errors import DataError
 from slimtune.models.tiny import builtin_tokenizer

@@ -159,6 +159,9 @@ def configs(m: dict[str, str]) -> dict[str, tuple[dict, int]]:
                 "<|tool|>": {"source": {"kind": "model_token", "model": m["b"], "token": "<|user|>"}},
                 "<|end|>": {"source": m["tok"], "force": True}, "<|new|>": {"source": {"kind": "zero"}}}},
             "models": [w(m["b"], weight=0.7), w(m["tok"], weight=0.5)]}, 0),
+        "tokenizer_model": ({"merge_method": "linear", **f32, "tokenizer": {"source": m["tok"]},
+                             "chat_template": "auto",
+                             "models": [w(m["a"], weight=1.0), w(m["tok"], weight=[1.0, 3.0])]}, 0),
         "chat_template_inline": ({"merge_method": "linear", **f32,
                                   "chat_template": "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
                                                    "{% endfor %}",
@@ -168,7 +171,8 @@ def configs(m: dict[str, str]) -> dict[str, tuple[dict, int]]:
 
 def _run_all(root: Path) -> None:
     models = {"a": write_model(root / "a", 1), "b": write_model(root / "b", 2), "c": write_model(root / "c", 3),
-              "deep": write_model(root / "deep", 4, layers=6), "tok": write_model(root / "tok", 5, extra_token="<|tool|>")}
+              "deep": write_model(root / "deep", 4, layers=6),
+              "tok": write_model(root / "tok", 5, extra_token="<|tool|>")}
     jobs = []
     for name, (doc, seed) in configs(models).items():
         path = root / f"{name}.yaml"
@@ -225,7 +229,7 @@ def max_diff(a: dict, b: dict) -> float:
 EXACT = ["slerp_schedule", "linear_gradient", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties",
          "della_d1", "della_linear_d1", "dare_ties_d1", "model_stock", "model_stock_rows", "nuslerp",
          "nuslerp_base_rows", "nuslerp_cols", "passthrough_stack", "slerp_slices", "tokenizer_base",
-         "tokenizer_union", "tokenizer_tokens", "chat_template_inline"]
+         "tokenizer_union", "tokenizer_tokens", "tokenizer_model", "chat_template_inline"]
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -260,7 +264,8 @@ def test_stacked_layers_config_and_loading(runs):
     assert len(m.model.layers) == 10 and torch.isfinite(m(torch.randint(8, 260, (1, 9))).logits).all()
 
 
-@pytest.mark.parametrize("name", ["tokenizer_base", "tokenizer_union", "tokenizer_tokens", "chat_template_inline"])
+@pytest.mark.parametrize("name", ["tokenizer_base", "tokenizer_union", "tokenizer_tokens", "tokenizer_model",
+                                  "chat_template_inline"])
 def test_same_tokenizer_as_mergekit(runs, name):
     from transformers import AutoTokenizer
 

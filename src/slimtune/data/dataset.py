@@ -33,10 +33,11 @@ class DataConfig:
 
     path: a data source or a list of them: a .json array, .jsonl or .parquet file, a folder of such files (e.g. Parquet
     shards) or saved by datasets' save_to_disk, or a hub dataset id (org/name[:split], online). format: "auto" or
-    alpaca / messages / sharegpt / prompt_completion / text. template: "auto" / tokenizer / alpaca / chatml. max_length: tokens per example (and per packed
-    row). val_fraction: share of records held out (seeded by `seed`); val_path: a separate validation file instead.
-    limit: use only the first N records of `path`. skip_bad: leave malformed records out (counted in the summary
-    as `skipped`, the first one quoted as `first_skipped`) instead of stopping.
+    alpaca / messages / sharegpt / prompt_completion / text. template: "auto" / tokenizer / alpaca / chatml.
+    max_length: tokens per example (and per packed row). val_fraction: share of records held out (seeded by `seed`);
+    val_path: a separate validation source instead. limit: use only the first N records of `path`. skip_bad: leave
+    malformed records out (counted in the summary as `skipped`, the first one quoted as `first_skipped`) instead of
+    stopping.
     """
 
     path: str | list[str] = ""

@@ -8,7 +8,6 @@ the final norm and lm_head from the last slice's sources at t = 0.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

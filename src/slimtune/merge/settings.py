@@ -125,8 +125,8 @@ def check_params(params: Any, valid: dict[str, Any], where: str, source: str, ot
         raise ConfigError(f"{source}: {where} must be a mapping of parameter: value")
     for k, v in params.items():
         if k not in valid and k in other:
-            raise ConfigError(f"{source}: parameter {k!r} in {where} is not read there; move it to "
-                              f"{'the top-level parameters' if where.startswith(('models', 'slices')) else 'each model'}")
+            to = "the top-level parameters" if where.startswith(("models", "slices")) else "each model"
+            raise ConfigError(f"{source}: parameter {k!r} in {where} is not read there; move it to {to}")
         refuse_unknown([k], list(valid), where, source)
         for x in _leaves(v, f"{where}.{k}", source):
             check_value(k, x, f"{where}.{k}", source)
