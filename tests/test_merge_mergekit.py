@@ -70,13 +70,14 @@ def mergekit_python() -> str:
     return str(py)
 
 
-def write_model(folder: Path, seed: int, layers: int = 4, extra_token: str | None = None) -> str:
-    """A tiny random Llama (hidden 64, every weight random, norms too) with the built-in byte tokenizer."""
+def write_model(folder: Path, seed: int, layers: int = 4, extra_token: str | None = None, vocab: int = 320) -> str:
+    """A tiny random Llama (hidden 64, every weight random, norms too) with the built-in byte tokenizer (264 tokens;
+    with vocab < 264 the last tokens have no embedding row)."""
     import transformers
 
     from slimtune.models.tiny import builtin_tokenizer
 
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
@@ -162,6 +163,9 @@ def configs(m: dict[str, str]) -> dict[str, tuple[dict, int]]:
         "tokenizer_model": ({"merge_method": "linear", **f32, "tokenizer": {"source": m["tok"]},
                              "chat_template": "auto",
                              "models": [w(m["a"], weight=1.0), w(m["tok"], weight=[1.0, 3.0])]}, 0),
+        # the base's tokenizer has 4 tokens past its 260 embedding rows: they are stripped from the output's
+        "tokenizer_strip": ({"merge_method": "task_arithmetic", "base_model": m["short"], **f32,
+                             "tokenizer": {"source": "base"}, "models": [w(m["short2"], weight=0.5)]}, 0),
         "chat_template_inline": ({"merge_method": "linear", **f32,
                                   "chat_template": "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
                                                    "{% endfor %}",
@@ -172,7 +176,8 @@ def configs(m: dict[str, str]) -> dict[str, tuple[dict, int]]:
 def _run_all(root: Path) -> None:
     models = {"a": write_model(root / "a", 1), "b": write_model(root / "b", 2), "c": write_model(root / "c", 3),
               "deep": write_model(root / "deep", 4, layers=6),
-              "tok": write_model(root / "tok", 5, extra_token="<|tool|>")}
+              "tok": write_model(root / "tok", 5, extra_token="<|tool|>"),
+              "short": write_model(root / "short", 6, vocab=260), "short2": write_model(root / "short2", 7, vocab=260)}
     jobs = []
     for name, (doc, seed) in configs(models).items():
         path = root / f"{name}.yaml"
@@ -204,7 +209,7 @@ def runs(tmp_path_factory):
         if not (root / "done").exists():
             root.mkdir(exist_ok=True)
             _run_all(root)
-    names = configs(dict.fromkeys(["a", "b", "c", "deep", "tok"], ""))
+    names = configs(dict.fromkeys(["a", "b", "c", "deep", "tok", "short", "short2"], ""))
     return {name: (root / f"{name}.mk", root / f"{name}.st") for name in names}
 
 
@@ -229,7 +234,7 @@ def max_diff(a: dict, b: dict) -> float:
 EXACT = ["slerp_schedule", "linear_gradient", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties",
          "della_d1", "della_linear_d1", "dare_ties_d1", "model_stock", "model_stock_rows", "nuslerp",
          "nuslerp_base_rows", "nuslerp_cols", "passthrough_stack", "slerp_slices", "tokenizer_base",
-         "tokenizer_union", "tokenizer_tokens", "tokenizer_model", "chat_template_inline"]
+         "tokenizer_union", "tokenizer_tokens", "tokenizer_model", "tokenizer_strip", "chat_template_inline"]
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -265,7 +270,7 @@ def test_stacked_layers_config_and_loading(runs):
 
 
 @pytest.mark.parametrize("name", ["tokenizer_base", "tokenizer_union", "tokenizer_tokens", "tokenizer_model",
-                                  "chat_template_inline"])
+                                  "tokenizer_strip", "chat_template_inline"])
 def test_same_tokenizer_as_mergekit(runs, name):
     from transformers import AutoTokenizer
 
