@@ -83,7 +83,7 @@ def merge_gta(ctx: Ctx, sp: list[Span], seed: int) -> Iterator[Tensor]:
     """Yield the rows of base + lambda * mix_j(w_j * sparsify(model_j - base))."""
     method, job = ctx.cfg.method, ctx.job
     w = [ctx.per(m, "weight") for m in ctx.members]
-    dens = [ctx.per(m, "density") or 1.0 for m in ctx.members]
+    dens = [ctx.per(m, "density") for m in ctx.members]
     for m, d in zip(ctx.members, dens):
         if not 0 < d <= 1:
             raise ConfigError(f"{ctx.cfg.source}: density {d} for {job.name} of {m.input.label} is outside (0, 1]")
