@@ -74,10 +74,12 @@ def test_detection_and_sharegpt_roles(tmp_path):
     recs = read_records(p)
     assert detect_format(recs[0]) == "alpaca"
     assert to_examples(recs, "text")[0][0].text == "plain words"  # overridden
-    p.write_text(json.dumps({"prompt": "x", "completion": "y"}))
+    p.write_text(json.dumps({"prompt": "x", "completion": "y"}))  # TRL's columns (issue 17)
+    assert to_examples(read_records(p))[1] == "prompt_completion"
+    p.write_text(json.dumps({"question": "x", "answer": "y"}))
     with pytest.raises(DataError) as e:
         to_examples(read_records(p))
-    _one_line_error(e, str(p), "line 1", "completion", "data_format")
+    _one_line_error(e, str(p), "line 1", "answer", "data_format")
 
 
 def test_line_that_is_not_json(tmp_path):

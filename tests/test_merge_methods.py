@@ -203,7 +203,9 @@ def test_gradient_and_filter_schedule_like_mergekit():
         want = [0, 0.5, 1][int(x)] if x == int(x) else (1 - (x - i0)) * [0, 0.5, 1][i0] + (x - i0) * [0, 0.5, 1][i0 + 1]
         assert evaluate(t, f"model.layers.{i}.self_attn.q_proj.weight", pos) == pytest.approx(want)
         assert evaluate(t, f"model.layers.{i}.mlp.up_proj.weight", pos) == 0.5
-    assert depth("model.embed_tokens.weight", L) == 0.0 and depth("lm_head.weight", L) == 1.0
+    # mergekit plans everything outside the layers at t = 0 (embeddings, final norm, lm_head alike)
+    assert depth("model.embed_tokens.weight", L) == 0.0 and depth("lm_head.weight", L) == 0.0
+    assert depth("model.norm.weight", L) == 0.0
     assert evaluate([0.2, 0.4, 1.0], "x", 0.75) == pytest.approx(0.7)
 
 
@@ -233,8 +235,26 @@ def test_config_values_and_defaults():
     ({"merge_method": "task_arithmetic", "models": [{"model": "a", "parameters": {"weight": 1}}]},
      "needs a base_model"),
     ({"merge_method": "slerp", "base_model": "a", "models": [{"model": "a"}, {"model": "c"}]}, "needs parameters"),
-    ({"merge_method": "linear", "tokenizer_source": "union", "models": [{"model": "a", "parameters": {"weight": 1}}]},
-     "tokenizer_source"),
+    ({"merge_method": "linear", "tokenizer_source": "union", "tokenizer": {"source": "base"},
+      "models": [{"model": "a", "parameters": {"weight": 1}}]}, "tokenizer_source or tokenizer"),
+    ({"merge_method": "linear", "chat_template": "llama3", "models": [{"model": "a", "parameters": {"weight": 1}}]},
+     "paste the Jinja text"),
+    ({"merge_method": "slerp", "base_model": "a", "models": [{"model": "c"}, {"model": "d"}],
+      "parameters": {"t": 0.5}}, "exactly one other model"),
+    ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]},
+                                                             {"model": "c", "layer_range": [0, 2]}]}]},
+     "exactly one model per slice"),
+    ({"merge_method": "ties", "base_model": "b", "slices": [{"sources": [
+        {"model": "a", "layer_range": [0, 2], "parameters": {"weight": 1}}]}]}, "not among the sources in slices[0]"),
+    ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [2, 1]}]}]},
+     "0 <= first < end"),
+    ({"merge_method": "nuslerp", "models": [{"model": "a", "parameters": {"weight": 1}}]}, "exactly two models"),
+    ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a"}]}, "at least two models"),
+    ({"merge_method": "breadcrumbs", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1,
+                                                                                               "gamma": 1.5}}]},
+     "outside [0, 1)"),
+    ({"merge_method": "linear", "models": [{"model": "a", "layer_range": [0, 2], "parameters": {"weight": 1}}]},
+     "only read in slices"),
 ])
 def test_config_refusals_are_one_line(doc, msg):
     with pytest.raises(ConfigError) as e:

@@ -31,11 +31,13 @@ def sample_path() -> Path:
 class DataConfig:
     """What to read and how to turn it into token rows.
 
-    path: a data file or a list of files (.json array, .jsonl, .parquet). format: "auto" or alpaca / messages /
-    sharegpt / text. template: "auto" / tokenizer / alpaca / chatml. max_length: tokens per example (and per packed
-    row). val_fraction: share of records held out (seeded by `seed`); val_path: a separate validation file instead.
-    limit: use only the first N records of `path`. skip_bad: leave malformed records out (counted in the summary
-    as `skipped`, the first one quoted as `first_skipped`) instead of stopping.
+    path: a data source or a list of them: a .json array, .jsonl or .parquet file, a folder of such files (e.g. Parquet
+    shards) or saved by datasets' save_to_disk, or a hub dataset id (org/name[:split], online). format: "auto" or
+    alpaca / messages / sharegpt / prompt_completion / text. template: "auto" / tokenizer / alpaca / chatml.
+    max_length: tokens per example (and per packed row). val_fraction: share of records held out (seeded by `seed`);
+    val_path: a separate validation source instead. limit: use only the first N records of `path`. skip_bad: leave
+    malformed records out (counted in the summary as `skipped`, the first one quoted as `first_skipped`) instead of
+    stopping.
     """
 
     path: str | list[str] = ""
@@ -125,7 +127,8 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[TokenDataset, Token
         tr, va = _split(len(examples), cfg.val_fraction, cfg.seed)
         val_examples = [examples[i] for i in va]
         examples = [examples[i] for i in tr]
-    renderer = get_renderer(tokenizer, cfg.template, fmt, cfg.add_eos)
+    plain = examples[0].text is not None  # text, or TRL's standard prompt / completion: no template
+    renderer = get_renderer(tokenizer, cfg.template, "text" if plain else fmt, cfg.add_eos)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     tok = tokenize_examples(examples, tokenizer, renderer, cfg.max_length, cfg.train_on_prompt)
     if not len(tok):

@@ -1,11 +1,14 @@
-"""Read training records from JSON array files, JSON Lines and Parquet, remembering where each one came from.
+"""Read training records from JSON array files, JSON Lines, Parquet, folders of them (e.g. Parquet shards), folders
+written by `datasets`' `save_to_disk`, and (online) Hugging Face hub datasets; remembering where each one came from.
 
-Every record keeps its file and its line (JSON, JSONL) or row index (Parquet), so that a bad record can be reported
-as `data.jsonl line 7: ...` before any training starts. Unreadable files raise `DataError` with one line.
+Every record keeps its file and its line (JSON, JSONL) or row index (Parquet, Arrow), so that a bad record can be
+reported as `data.jsonl line 7: ...` before any training starts. Unreadable input raises `DataError` with one line.
+`save_to_disk` folders are read with pyarrow from their Arrow files (no pickle, no `datasets` needed).
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,8 @@ from slimtune.errors import DataError
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
+DATA_SUFFIXES = JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")  # org/name, optionally :split
 
 
 @dataclass
@@ -122,22 +127,99 @@ def _read_parquet(path: Path) -> list[Record]:
     except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError) for broken files
         raise DataError(f"{path}: not a readable Parquet file ({one_line(e)}); "
                         f"fix: write it again with pyarrow or pandas.to_parquet") from None
-    return [Record(r, str(path), i, None) for i, r in enumerate(rows)]
+    return _rows(rows, str(path))
+
+
+def _rows(rows: list[dict], source: str) -> list[Record]:
+    return [_check_object(r, source, i, None) for i, r in enumerate(rows)]
+
+
+def _read_arrow_stream(path: Path) -> list[Record]:
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as f:
+            table = pa.ipc.open_stream(f).read_all()
+    except Exception as e:  # ArrowInvalid, OSError
+        raise DataError(f"{path}: not a readable Arrow file ({one_line(e)}); fix: save the dataset again with "
+                        f"save_to_disk") from None
+    return _rows(table.to_pylist(), str(path))
+
+
+def _read_saved_dataset(folder: Path) -> list[Record]:
+    """A `Dataset.save_to_disk` folder: state.json lists the Arrow (IPC stream) files, read in order."""
+    if (folder / "dataset_dict.json").exists():  # a DatasetDict: one folder per split; train it is
+        splits = sorted(p.name for p in folder.iterdir() if (p / "state.json").exists())
+        if "train" not in splits:
+            raise DataError(f"{folder}: a saved DatasetDict without a 'train' split (splits: {', '.join(splits)}); "
+                            f"fix: pass the split's folder, e.g. {folder / (splits[0] if splits else 'SPLIT')}")
+        folder = folder / "train"
+    try:
+        files = [f["filename"] for f in json.loads((folder / "state.json").read_text())["_data_files"]]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise DataError(f"{folder}/state.json is not a datasets state file; fix: save the dataset again with "
+                        f"save_to_disk") from None
+    out: list[Record] = []
+    for name in files:
+        out += _read_arrow_stream(folder / name)
+    return out
+
+
+def _read_folder(folder: Path) -> list[Record]:
+    """A saved `datasets` folder, or every data file under the folder (e.g. Parquet shards), in name order."""
+    if (folder / "state.json").exists() or (folder / "dataset_dict.json").exists():
+        return _read_saved_dataset(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise DataError(f"{folder}: the folder holds no data files; fix: put .jsonl, .json or .parquet files in it, "
+                        f"or pass a folder written by datasets' save_to_disk")
+    out: list[Record] = []
+    for f in files:
+        out += read_records(f)
+    return out
+
+
+def _read_hub(spec: str) -> list[Record]:
+    """A Hugging Face hub dataset `org/name[:split]` (split: train by default) through `datasets.load_dataset`."""
+    name, _, split = spec.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec}: not a local data file or folder; loading it as a hub dataset needs the datasets "
+                        f"package; fix: pip install datasets, or pass a local file") from None
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # offline (ConnectionError), unknown dataset, unknown split: all one line
+        raise DataError(f"{spec}: not a local data file or folder, and loading it as a Hugging Face hub dataset "
+                        f"failed ({one_line(e, 120)}); fix: check the path, or go online (HF_HUB_OFFLINE unset), or "
+                        f"download the dataset and pass its folder") from None
+    return _rows(ds.to_list(), f"{name}[{split or 'train'}]")
 
 
 def read_records(path: str | Path) -> list[Record]:
-    """Read every record of one data file.
+    """Read every record of one data source.
 
     Args:
         path: a `.json` file holding one array of objects (a `.json` file holding JSON Lines is accepted too),
-            a `.jsonl` / `.ndjson` file with one object per line, or a `.parquet` file (one record per row).
+            a `.jsonl` / `.ndjson` file with one object per line, a `.parquet` file (one record per row), a folder
+            (every such file under it, in name order, e.g. Parquet shards; or a `datasets` save_to_disk folder, its
+            train split for a DatasetDict), or a hub dataset id `org/name` or `org/name:split` (needs `datasets` and
+            a connection).
     Returns:
         The records in file order, each with its source, index and line.
     Raises:
         DataError: missing or empty file, unknown suffix, text that is not JSON (naming the line), a record that is
-            not an object.
+            not an object, a hub dataset that cannot be loaded (offline).
     """
     path = Path(path)
+    if path.is_dir():
+        recs = _read_folder(path)
+        if not recs:
+            raise DataError(f"{path}: the folder holds no records; fix: add at least one record")
+        return recs
+    if not path.exists() and path.suffix.lower() not in DATA_SUFFIXES and HUB_ID.match(str(path)):
+        return _read_hub(str(path))
     if not path.is_file():
         raise DataError(f"{path}: no such data file; fix: check the path (JSON, JSONL or Parquet)")
     suffix = path.suffix.lower()
@@ -166,7 +248,7 @@ def read_records(path: str | Path) -> list[Record]:
 
 
 def read_many(paths: str | Path | list[str | Path]) -> list[Record]:
-    """Records of several files (or one), concatenated in the given order. Errors as `read_records`."""
+    """Records of several sources (or one), concatenated in the given order. Errors as `read_records`."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     out: list[Record] = []

@@ -6,6 +6,7 @@ the trained tokens are found from the tokenizer's character offsets.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ class BuiltinTemplate:
     assistant_prefix: str
     assistant_end: str
     turn_sep: str
+    tool: str | None = None  # an untrained tool-result turn ({content}); None where the format has none
 
 
 TEMPLATES: dict[str, BuiltinTemplate] = {
@@ -52,7 +54,8 @@ TEMPLATES: dict[str, BuiltinTemplate] = {
         name="chatml", system="<|im_start|>system\n{content}<|im_end|>\n",
         user="<|im_start|>user\n{content}<|im_end|>\n", first_user="<|im_start|>user\n{content}<|im_end|>\n",
         first_user_input="<|im_start|>user\n{content}\n\n{input}<|im_end|>\n",
-        assistant_prefix="<|im_start|>assistant\n", assistant_end="<|im_end|>", turn_sep="\n"),
+        assistant_prefix="<|im_start|>assistant\n", assistant_end="<|im_end|>", turn_sep="\n",
+        tool="<|im_start|>tool\n{content}<|im_end|>\n"),
 }
 TEMPLATE_NAMES = ("auto", "tokenizer", *TEMPLATES)
 
@@ -70,7 +73,18 @@ def _join(segs: Segments) -> tuple[str, list[tuple[int, int]]]:
     return "".join(text), spans
 
 
-def _merged(ex: Example) -> list[dict[str, str]]:
+def tool_call_text(calls: list) -> str:
+    """Tool calls as ChatML models write them (the Hermes / Qwen2.5 convention): one
+    <tool_call>\n{"name": ..., "arguments": ...}\n</tool_call> per call, newline-separated."""
+    out = []
+    for c in calls:
+        fn = c.get("function", c)
+        out.append("<tool_call>\n" + json.dumps({"name": fn["name"], "arguments": fn.get("arguments")},
+                                                ensure_ascii=False) + "\n</tool_call>")
+    return "\n".join(out)
+
+
+def _merged(ex: Example) -> list[dict[str, Any]]:
     """Messages with the alpaca `input` appended to the first user turn (for templates without an input slot)."""
     msgs = [dict(m) for m in ex.messages]
     if ex.input:
@@ -96,21 +110,34 @@ class Renderer:
         self.builtin = TEMPLATES.get(name)
 
     # ---- built-in templates --------------------------------------------------------------------------------------
+    def _answer(self, body: str, trained: bool) -> Segments:
+        """An assistant turn of a built-in template: prefix, the answer with its end (and EOS), separator."""
+        t = self.builtin
+        eos = self.eos if self.add_eos and self.eos != t.assistant_end else ""
+        return [(t.assistant_prefix, False), (body + t.assistant_end + eos, trained), (t.turn_sep, False)]
+
     def _builtin(self, ex: Example, generation: bool) -> Segments:
         t, segs, first_user = self.builtin, [], True
         msgs = ex.messages[:-1] if generation and ex.messages and ex.messages[-1]["role"] == "assistant" \
             else ex.messages
-        for m in msgs:
+        for i, m in enumerate(msgs):
             if m["role"] == "system":
                 segs.append((t.system.format(content=m["content"]), False))
             elif m["role"] == "user":
                 pat = (t.first_user_input if ex.input else t.first_user) if first_user else t.user
                 segs.append((pat.format(content=m["content"], input=ex.input), False))
                 first_user = False
+            elif m["role"] == "tool" or m.get("tool_calls"):
+                if t.tool is None:
+                    raise DataError(f"{ex.where}: the {t.name} template has no tool turns; fix: set template=chatml "
+                                    f"or use a tokenizer whose chat template handles tools")
+                if m["role"] == "tool":
+                    segs.append((t.tool.format(content=m["content"]), False))
+                else:
+                    sep = "\n" if m["content"] else ""
+                    segs += self._answer(m["content"] + sep + tool_call_text(m["tool_calls"]), i >= ex.context)
             else:
-                eos = self.eos if self.add_eos and self.eos != t.assistant_end else ""
-                segs += [(t.assistant_prefix, False), (m["content"] + t.assistant_end + eos, True),
-                         (t.turn_sep, False)]
+                segs += self._answer(m["content"], i >= ex.context)
         if generation:
             segs.append((t.assistant_prefix, False))
         return segs
@@ -131,7 +158,7 @@ class Renderer:
         """
         msgs, segs, done = _merged(ex), [], ""
         for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or i < ex.context:  # prompt turns (TRL) are context, rendered later
                 continue
             prefix = self._apply(ex, msgs[:i], True)
             full = self._apply(ex, msgs[:i + 1], False)
@@ -139,6 +166,11 @@ class Renderer:
                 raise DataError(f"{ex.where}: the tokenizer's chat template does not render conversations "
                                 f"incrementally, so answers cannot be located; fix: set template=chatml or alpaca")
             answer = full[len(prefix):]
+            for c in m.get("tool_calls") or []:
+                if c.get("function", c)["name"] not in answer:
+                    raise DataError(f"{ex.where}: the tokenizer's chat template does not write tool_calls, so the "
+                                    f"call would not be learned; fix: use a template that renders tool_calls, or "
+                                    f"template=chatml")
             body = answer.rstrip()  # trailing newlines after the end-of-turn token stay untrained
             segs += [(prefix[len(done):], False), (body, True), (answer[len(body):], False)]
             done = full
@@ -153,8 +185,8 @@ class Renderer:
     # ---- public -----------------------------------------------------------------------------------------------------
     def segments(self, ex: Example) -> Segments:
         """The example as ordered (text, trained) pieces: answers (and their end/EOS tokens) trained, the rest not."""
-        if ex.text is not None:
-            return [(ex.text + (self.eos if self.add_eos else ""), True)]
+        if ex.text is not None:  # plain text, after a TRL standard prompt when there is one
+            return [(ex.prompt or "", False), (ex.text + (self.eos if self.add_eos else ""), True)]
         if self.builtin is not None:
             return self._builtin(ex, generation=False)
         return self._chat_template(ex)
@@ -166,7 +198,7 @@ class Renderer:
     def prompt(self, ex: Example) -> str:
         """The text a model continues to answer `ex` (its final assistant turn, if any, left out)."""
         if ex.text is not None:
-            return ex.text
+            return ex.prompt if ex.prompt is not None else ex.text
         if self.builtin is not None:
             return _join(self._builtin(ex, generation=True))[0]
         msgs = _merged(ex)

@@ -120,7 +120,7 @@ def write_adapter(tmp: Path, plan, names: list[str], rank: int, seed: int, merge
         sd[mod + ".lora_B.weight"] = b.to(dt).contiguous()
         bar.update(1)
     save_file(sd, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    first = next(x.lora for x in plan.inputs if x.lora is not None)
+    first = next(x.lora for x in plan.inputs.values() if x.lora is not None)
     conf = dict(first.config)
     conf.update(r=rank, lora_alpha=rank, use_rslora=False, use_dora=False, rank_pattern={}, alpha_pattern={},
                 target_modules=sorted({n.split(".")[-2] for n in names}), lora_dropout=0.0,
