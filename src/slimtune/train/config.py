@@ -43,10 +43,10 @@ class TrainConfig:
     method_args: dict[str, Any] = field(default_factory=dict)  # any other option of the method's config, verbatim
     quant: str = "nf4"  # base-weight format for qlora
     # ---- data
-    data: str | list[str] = ""  # .json / .jsonl / .parquet file(s)
+    data: str | list[str] = ""  # .json / .jsonl / .parquet file(s), a folder of them, a save_to_disk folder, a hub id
     val_data: str | list[str] | None = None  # a separate validation file, or:
     val_fraction: float = 0.0  # share of the records held out for validation (seeded)
-    data_format: str = "auto"  # auto, alpaca, messages, sharegpt, text
+    data_format: str = "auto"  # auto or one of slimtune.data.formats.FORMATS (alpaca, messages, prompt_completion ...)
     template: str = "auto"  # auto, tokenizer, alpaca, chatml
     train_on_prompt: bool = False  # loss on every token instead of only the answers
     max_length: int = 1024  # tokens per example (and per packed row)
@@ -121,7 +121,8 @@ class TrainConfig:
         if self.grad_ckpt not in CKPT_MODES:
             raise ConfigError(f"grad_ckpt={self.grad_ckpt!r} is not one of true, false, offload")
         if not self.data:
-            raise ConfigError("no training data: set data=PATH (a .json, .jsonl or .parquet file)")
+            raise ConfigError("no training data: set data=PATH (a .json, .jsonl or .parquet file, a folder of them, or a "
+                              "datasets save_to_disk folder)")
 
     def __getattr__(self, name: str) -> Any:
         # a flat method option (cfg.rank, cfg.targets): its value, None when unset
