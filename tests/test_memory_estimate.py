@@ -89,7 +89,7 @@ def test_param_table_matches_decoder(shape):
 def test_full_saved_activations_match_hooks(precision, dtype, autocast, shape, ckpt):
     m = _model(shape, dtype)
     act, casts = _saved_bytes(m, autocast, ckpt)
-    e = estimate(m.config, "full", precision, "adamw", B, T, ckpt, device="cpu")
+    e = estimate(m.config, "full", precision, "adamw", B, T, ckpt, device="cpu", chunked_loss=False)
     assert act == _predicted_saved(e, m.config, ckpt, dtype.itemsize)
     if autocast and not ckpt:  # every linear weight's bf16 copy is kept, lm_head's included
         assert casts == e["detail"]["autocast_copies_forward_bytes"] > 0
@@ -104,7 +104,7 @@ def test_lora_saved_activations_match_hooks(precision, dtype, autocast, targets,
     m = _model("tiny", dtype, {"r": 8, "target_modules": list(targets), "lora_dropout": dropout})
     assert {p.dtype for n, p in m.named_parameters() if p.requires_grad} == {torch.float32}
     act, _ = _saved_bytes(m, autocast, ckpt)
-    e = estimate(m.config, "lora", precision, "adamw", B, T, ckpt, lora_rank=8, lora_targets=targets,
+    e = estimate(m.config, "lora", precision, "adamw", B, T, ckpt, lora_rank=8, lora_targets=targets, chunked_loss=False,
                  lora_dropout=dropout, device="cpu")
     assert act == _predicted_saved(e, m.config, ckpt, dtype.itemsize)
 
@@ -213,3 +213,20 @@ def test_cli_json_is_one_object():
     rows = json.loads(r.stdout)["rows"]
     assert sum(r["fastest"] for r in rows) == 1
     assert all(r["fits"] or r["reason"] for r in rows)
+
+
+@pytest.mark.parametrize("precision,dtype,autocast", [("fp32", torch.float32, False),
+                                                      ("bf16-mixed", torch.bfloat16, True)])
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ALL])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_lora_saved_activations_on_the_kernels_path(precision, dtype, autocast, targets, ckpt):
+    """The CUDA path (fused RMSNorm / RoPE / SwiGLU kernels, one LoRA Function per projection group), run on the CPU
+    through Triton's interpreter: what it saves for backward is what `block_saved_kernels` counts."""
+    from slimtune import kernels
+
+    m = _model("tiny", dtype, {"r": 8, "target_modules": list(targets)})
+    with kernels.use("on"):
+        act, _ = _saved_bytes(m, autocast, ckpt)
+    e = estimate(m.config, "lora", precision, "adamw", B, T, ckpt, lora_rank=8, lora_targets=targets,
+                 chunked_loss=False, device="cpu", kernels=True)
+    assert act == _predicted_saved(e, m.config, ckpt, dtype.itemsize)

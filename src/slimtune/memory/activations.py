@@ -38,6 +38,7 @@ class Regime:
     head: bool = False
     attention: str = "flash"
     lora_dropout: float = 0.0
+    kernels: bool = False  # the CUDA path of slimtune.kernels (block_saved_kernels)
 
     def saves_input(self, name: str) -> bool:
         return name in self.trainable or name in self.adapters
@@ -95,6 +96,8 @@ def block_saved(cfg: ModelConfig, batch: int, seq: int, r: Regime, x_grad: bool 
 
     x_grad: whether the block input needs a gradient (False for the first block when the embedding is frozen).
     """
+    if r.kernels and not r.trainable and r.lora_dropout == 0:
+        return block_saved_kernels(cfg, batch, seq, r, x_grad)
     d, f, qd, kvd, hd = _dims(cfg)
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     N, c = batch * seq, r.compute
@@ -155,11 +158,16 @@ def shared_saved(cfg: ModelConfig, batch: int, seq: int, r: Regime) -> dict[str,
     return out
 
 
-def head_saved(cfg: ModelConfig, batch: int, seq: int, r: Regime) -> dict[str, int]:
-    """The final norm and lm_head: fp32 x and 1/rms (+ xn if the norm trains), lm_head's input if the head trains."""
+def head_saved(cfg: ModelConfig, batch: int, seq: int, r: Regime, chunked: bool = False) -> dict[str, int]:
+    """The final norm and lm_head: fp32 x and 1/rms (+ xn if the norm trains), lm_head's input if the head trains.
+    With the kernels: x and 1/rms. With the chunked loss the head is not an autograd op (its gradients are formed in
+    the loss's forward: `estimate` counts them there)."""
     N, d = batch * seq, cfg.hidden_size
-    s = {"final_" + k: v for k, v in norm_saved(N, d, r.resid, r.norms, True).items()}
-    if r.head:
+    if r.kernels:
+        s = {"final_norm_x": N * d * r.resid, "final_norm_rstd": N * 4}
+    else:
+        s = {"final_" + k: v for k, v in norm_saved(N, d, r.resid, r.norms, True).items()}
+    if r.head and not chunked:
         cast = r.autocast and r.norm_out != r.compute
         s["head_input"] = N * d * (r.compute if cast else r.norm_out)
     return s
@@ -181,3 +189,49 @@ def block_backward_transient(cfg: ModelConfig, batch: int, seq: int, r: Regime) 
     if r.attention == "math":
         attn += 2 * batch * cfg.num_attention_heads * seq * seq * c
     return max(mlp, attn) + N * d * c
+
+
+def block_saved_kernels(cfg: ModelConfig, batch: int, seq: int, r: Regime, x_grad: bool = True) -> dict[str, int]:
+    """`block_saved` on the path of `slimtune.kernels` (a frozen base, no dropout): the RMSNorm kernels keep their input
+    and 1/rms; q,k,v, o, gate,up and down are each one LoRA Function keeping its input, x A^T (N, R) and the cast
+    factors; RoPE keeps only cos / sin (shared); v is a view of the q,k,v output, so attention keeps that whole output
+    besides the rotated q and k; SwiGLU keeps the gate|up output; o's input is a copy of the attention output."""
+    d, f, qd, kvd, hd = _dims(cfg)
+    N, c = batch * seq, r.compute
+    s: dict[str, int] = {}
+
+    def add(key: str, v: int) -> None:
+        if v:
+            s[key] = s.get(key, 0) + v
+
+    def lora(names: tuple[str, ...], d_in: int, outs: tuple[int, ...], x_bytes: int, x_grad: bool) -> bool:
+        """One fused projection group: returns whether its Function was recorded (its output needs a gradient)."""
+        ranks = [(r.adapters[n], o) for n, o in zip(names, outs) if n in r.adapters]
+        if not (x_grad or ranks):
+            return False
+        add("proj_inputs", N * d_in * x_bytes)
+        add("lora_xa", N * sum(k for k, _ in ranks) * c)
+        add("lora_factors_cast", sum(k * (d_in + o) for k, o in ranks) * c)
+        return True
+
+    if x_grad or r.norms:
+        add("norm_x", N * d * r.resid)
+        add("norm_rstd", N * 4)
+    qkv = lora(("q_proj", "k_proj", "v_proj"), d, (qd, kvd, kvd), r.norm_out, x_grad or r.norms)
+    if qkv:
+        if cfg.qk_norm:  # the per-head norm kernels keep views of the q,k,v output (counted below) and 1/rms
+            add("qk_norm_rstd", N * (cfg.num_attention_heads + cfg.num_key_value_heads) * 4)
+        add("sdpa_qkv", N * (qd + kvd) * c + N * (qd + 2 * kvd) * c)  # rotated q, k + the projection output (v)
+        lse_t = seq if r.attention == "flash" else -(-seq // 32) * 32
+        add("sdpa_logsumexp", batch * cfg.num_attention_heads * lse_t * 4)
+        add("sdpa_out", N * qd * c)
+    o = lora(("o_proj",), qd, (d,), c, qkv)
+    if qkv or o or r.norms:
+        add("norm_x", N * d * r.resid)
+        add("norm_rstd", N * 4)
+    names = ("gate_proj", "up_proj") if cfg.mlp_gated else ("up_proj",)
+    gu = lora(names, d, (f,) * len(names), r.norm_out, qkv or o or r.norms)
+    if gu:
+        add("act_gate_up", len(names) * N * f * c)
+    lora(("down_proj",), f, (d,), c, gu)
+    return s

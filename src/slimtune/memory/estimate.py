@@ -39,7 +39,9 @@ class EstimateInput:
     format. generate, context: a KV cache of `context` positions for `batch` sequences, prompt of `seq` tokens.
     attention: flash | efficient | math. keep_logits: the loop keeps the (B, S, V) logits alive through backward.
     params_override: count this many parameters instead of the config's (the textbook case). device: 'cuda' (what
-    is predicted) or 'cpu' (CPU kernels save a few tensors differently; used by the tests)."""
+    is predicted) or 'cpu' (CPU kernels save a few tensors differently; used by the tests). kernels: the fused
+    kernels' path (default: on CUDA). chunked_loss, loss_chunk: the loss from the hidden states, `loss_chunk` rows
+    of logits at a time, never the (B, S, V) logits."""
 
     cfg: ModelConfig
     method: str = "lora"
@@ -67,6 +69,9 @@ class EstimateInput:
     params_override: int | None = None
     workspace_bytes: int = WORKSPACE
     device: str = "cuda"
+    kernels: bool | None = None  # the fused kernels' path (slimtune.kernels); None: on for device "cuda"
+    chunked_loss: bool = True  # the loss from the hidden states in chunks (train.loss.lm_head_loss)
+    loss_chunk: int | None = None  # rows per chunk; None: kernels.cross_entropy.default_chunk(vocab)
 
     def validate(self) -> None:
         """Raises ConfigError on an unknown method / precision / optimizer / offload or a non-positive size."""
@@ -206,17 +211,18 @@ def _parameters(e: EstimateInput, b: _Bytes) -> _Params:
 def _phases(e: EstimateInput, b: _Bytes, P: _Params) -> tuple[dict[str, dict[str, int]], dict[str, Any]]:
     """Bytes alive at each phase of the step, by component, and the activation details."""
     cfg, batch, seq, full = e.cfg, e.batch, e.seq, e.method == "full"
-    N, L, V, c = batch * seq, cfg.num_hidden_layers, cfg.vocab_size, b.c
+    N, L, c = batch * seq, cfg.num_hidden_layers, b.c
     r = Regime(resid=b.wb, compute=c, norm_out=b.wb, autocast=b.autocast, adapter=b.ab,
                trainable=frozenset(BLOCK_LINEARS) if full else frozenset(),
                adapters={} if full else {t: e.lora_rank for t in P.targets if t in BLOCK_LINEARS},
                norms=full, embed=full, head=full, attention=e.attention, lora_dropout=e.lora_dropout,
-               dropout_mask=1 if e.device == "cuda" else 0)
+               dropout_mask=1 if e.device == "cuda" else 0,
+               kernels=e.device == "cuda" if e.kernels is None else e.kernels)
     a_first = sum(block_saved(cfg, batch, seq, r, x_grad=full).values())
     per_op = block_saved(cfg, batch, seq, r, x_grad=True)
     a_blk = sum(per_op.values())
     shared = sum(shared_saved(cfg, batch, seq, r).values())
-    head = sum(head_saved(cfg, batch, seq, r).values())
+    head = sum(head_saved(cfg, batch, seq, r, e.chunked_loss).values())
     # autocast casts of base weights whose dtype differs from the compute dtype: trained ones are cached until the
     # autocast context exits; every cast weight is kept by its matmul for the input gradient
     blk_w = sum(p.numel for p in P.table if p.kind == "linear" and p.layer == 0)
@@ -225,15 +231,14 @@ def _phases(e: EstimateInput, b: _Bytes, P: _Params) -> tuple[dict[str, dict[str
     cast_head = head_w * c if b.autocast and b.wb != c else 0
     if b.autocast and b.ab != c:  # adapters (leaves that train) are cast once per forward and cached
         cast_head += P.adapters // b.ab * c
-    # the loop's loss (train.loss.causal_lm_loss): logits[:, :-1].float() -> cross_entropy, after autocast exits
-    NV, NVp = N * V, batch * (seq - 1) * V
-    logits = NV * c if e.keep_logits else 0
-    logp = NVp * 4 + N * 8 + 4  # log_softmax's fp32 output; nll_loss keeps the int64 targets and the weight sum
-    upcast = NVp * 4 if c != 4 else 0  # the fp32 copy, alive while log_softmax runs
+    loss = _loss_bytes(e, b, full, N)
+    logits = loss["kept"]
     trans = block_backward_transient(cfg, batch, seq, r)
     if full and b.autocast and b.wb != c:  # dW from the matmul in `c`, then its cast to the fp32 .grad
         trans += P.max_linear * c
-    if b.qfmt:  # dequantize: int32 indices (2 B/weight) + fp32 values (4 B/weight), then the 16-bit weight
+    if b.qfmt and r.kernels:  # one Triton pass into the 16-bit weight; gate,up stacked (2 weights)
+        trans += 4 * P.max_linear
+    elif b.qfmt:  # dequantize: int32 indices (2 B/weight) + fp32 values (4 B/weight), then the 16-bit weight
         trans += 6 * P.max_linear
     gb = dtype_bytes(e.grad_dtype, "grad dtype") if e.grad_dtype else None
     owners = _owners(P.table, e.method, P.targets)
@@ -255,15 +260,16 @@ def _phases(e: EstimateInput, b: _Bytes, P: _Params) -> tuple[dict[str, dict[str
 
     ph: dict[str, dict[str, int]] = {}
     fwd_act = held(L) + shared + head
-    ph["forward_end"] = dict(activations=fwd_act, autocast_copies=L * cast_blk + cast_head, logits_loss=NV * c,
-                             gradients=0, temporary=0)
+    ph["forward_end"] = dict(activations=fwd_act, autocast_copies=L * cast_blk + cast_head,
+                             logits_loss=loss["forward_end"], gradients=0, temporary=0)
     bwd_cast = (0 if e.grad_ckpt else L * cast_blk) + cast_head  # autocast's cache is gone; the graph's copies stay
-    ph["loss_forward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=NV * c + upcast + logp,
-                              gradients=0, temporary=0)
-    ph["loss_backward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=logits + logp + 2 * NVp * 4,
-                               gradients=0, temporary=0)
-    head_tmp = head_w * c if (full and b.autocast and b.wb != c) else 0
-    ph["head_backward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=logits + NV * c,
+    in_loss = g_head if e.chunked_loss else 0  # the chunked loss forms the head's gradient in its forward
+    ph["loss_forward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=loss["loss_forward"],
+                              gradients=in_loss, temporary=0)
+    ph["loss_backward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=loss["loss_backward"],
+                               gradients=in_loss, temporary=0)
+    head_tmp = head_w * c if (full and b.autocast and b.wb != c and not e.chunked_loss) else 0
+    ph["head_backward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=loss["head_backward"],
                                gradients=g_head, temporary=head_tmp + N * cfg.hidden_size * c)
     for k in (L - 1, 0):  # the last block (most activations held) and the first (most gradients)
         recompute = (a_first if k == 0 else a_blk) if e.grad_ckpt else 0
@@ -278,6 +284,32 @@ def _phases(e: EstimateInput, b: _Bytes, P: _Params) -> tuple[dict[str, dict[str
                   shared_saved_bytes=shared, head_saved_bytes=head, gradients_full_bytes=P.grads_full,
                   autocast_copies_forward_bytes=L * cast_blk + cast_head)
     return ph, detail
+
+
+def _loss_bytes(e: EstimateInput, b: _Bytes, full: bool, N: int) -> dict[str, int]:
+    """Bytes the loss holds at each phase of the step (the `logits_loss` component; "kept": what stays afterwards).
+
+    Full logits (train.loss.causal_lm_loss): the (N, V) logits in the compute dtype, then logits[:, :-1].float(),
+    log_softmax's fp32 output and, in backward, two fp32 (N, V) gradients. Chunked (train.loss.lm_head_loss): one
+    (chunk, V) block of logits in the compute dtype, overwritten by its gradient in place (the Triton kernel), the
+    per-token losses, dL/dh (N, d) formed in the forward, and for a trained head dL/dW (V, d) plus the cast of an
+    fp32 head to the compute dtype.
+    """
+    from slimtune.kernels.cross_entropy import default_chunk
+
+    c, V, d = b.c, e.cfg.vocab_size, e.cfg.hidden_size
+    kept = N * V * c if e.keep_logits else 0
+    if e.chunked_loss:
+        chunk = min(N, e.loss_chunk or default_chunk(V))
+        head = V * d * c * (2 if b.wb != c else 1) if full else 0  # dL/dW (+ the cast copy of an fp32 head)
+        gh = N * d * c
+        return {"kept": 0, "forward_end": 0, "loss_forward": chunk * V * c + N * 4 + gh + head,
+                "loss_backward": gh + head, "head_backward": gh}
+    NVp = e.batch * (e.seq - 1) * V
+    logp = NVp * 4 + N * 8 + 4  # log_softmax's fp32 output; nll_loss keeps the int64 targets and the weight sum
+    upcast = NVp * 4 if c != 4 else 0  # the fp32 copy, alive while log_softmax runs
+    return {"kept": kept, "forward_end": N * V * c, "loss_forward": N * V * c + upcast + logp,
+            "loss_backward": kept + logp + 2 * NVp * 4, "head_backward": kept + N * V * c}
 
 
 def _generate(e: EstimateInput, c: int, persistent: dict, detail: dict) -> dict:

@@ -46,11 +46,15 @@ def step_seconds(cfg: ModelConfig, est: dict, method: str, batch: int, seq: int,
     per_tok = 3 * fwd if method == "full" else 2 * fwd + 2 * attn / 2  # frozen base: no weight gradients
     if grad_ckpt:
         per_tok += fwd
+    if grad_ckpt == "offload":  # block inputs down to pinned memory and back, overlapped with compute
+        t_copy = 2 * cfg.num_hidden_layers * batch * seq * cfg.hidden_size * 2 / PCIE_BW
     t = batch * seq * per_tok / EFFECTIVE_FLOPS
     if method == "qlora":
         t += (3 if grad_ckpt else 2) * d["params"] * DEQUANT_BYTES / HBM_BW
     if offload == "activations":
         t = max(t, 2 * est["host_bytes"] / PCIE_BW)
+    if grad_ckpt == "offload":
+        t = max(t, t_copy)
     if offload == "optimizer":
         n = d["trainable_params"]
         t += n * 4 / PCIE_BW + n / CPU_ADAM
@@ -76,13 +80,31 @@ def _max_batch(cfg, budget, method, seq, ck, off, kw, cap: int = 4096) -> int:
     return lo
 
 
+def longest_seq(cfg: ModelConfig, budget: int, method: str, ck, off, kw, cap: int = 1 << 20) -> int:
+    """The longest sequence (a multiple of 256, up to the model's context and `cap`) that fits at batch 1, 0 if none:
+    doubling, then bisection (memory grows with the sequence)."""
+    top = min(cap, cfg.max_position_embeddings)
+    if not _fits(cfg, budget, method, 1, min(256, top), ck, off, kw):
+        return 0
+    lo, hi = min(256, top), min(512, top)
+    while hi <= top and _fits(cfg, budget, method, 1, hi, ck, off, kw):
+        if hi == top:
+            return top
+        lo, hi = hi, min(hi * 2, top)
+    while hi - lo > 256:
+        mid = (lo + hi) // 2 // 256 * 256
+        lo, hi = (mid, hi) if _fits(cfg, budget, method, 1, mid, ck, off, kw) else (lo, mid)
+    return lo
+
+
 def plan(cfg: ModelConfig, gpu_memory_bytes: int, seq: int | None = None,
          methods: tuple[str, ...] = ("full", "lora", "qlora"), precision: str = "bf16-mixed",
          optimizer: str = "adamw", **kw) -> list[dict]:
-    """One row per (method, checkpointing, offload): whether it fits in `gpu_memory_bytes`, the largest batch at
-    `seq` (default: the longest power-of-two sequence that fits with batch 1, capped at 8192 and the model's
-    context), the longest sequence at batch 1, its predicted peak and tokens/s; the fastest fitting row has
-    `fastest: True`; rows that do not fit carry `reason`.
+    """One row per (method, checkpointing - off, on, offload -, offload): whether it fits in `gpu_memory_bytes`, the
+    largest batch at `seq` (default: the longest power-of-two sequence that fits with batch 1, capped at 8192 and
+    the model's context), the longest power-of-two sequence at batch 1 up to 8192 (`max_seq_at_batch1`) and the
+    longest sequence at all (`longest_seq`, to 256 tokens), the predicted peak and tokens/s; the fastest fitting row
+    has `fastest: True` (an offloading row only where nothing faster fits); rows that do not fit carry `reason`.
 
     Raises:
         ConfigError: the budget is smaller than the weights of every method, or a bad seq.
@@ -97,13 +119,14 @@ def plan(cfg: ModelConfig, gpu_memory_bytes: int, seq: int | None = None,
     seqs = [s for s in (256, 512, 1024, 2048, 4096, 8192) if s <= cfg.max_position_embeddings] or [256]
     rows = []
     for method in methods:
-        for ck in (False, True):
+        for ck in (False, True, "offload"):
             for off in (None, "activations", "optimizer"):
                 if off == "optimizer" and method != "full" or off == "activations" and ck:
                     continue
                 row = {"method": method, "grad_ckpt": ck, "offload": off, "fits": False, "fastest": False}
                 max_seq = max((s for s in seqs if _fits(cfg, gpu_memory_bytes, method, 1, s, ck, off, kw)),
                               default=0)
+                row["longest_seq"] = longest_seq(cfg, gpu_memory_bytes, method, ck, off, kw)
                 s = seq or max_seq or seqs[0]
                 b = _max_batch(cfg, gpu_memory_bytes, method, s, ck, off, kw)
                 row.update(seq=s, max_batch=b, max_seq_at_batch1=max_seq)
