@@ -153,3 +153,19 @@ def test_damaged_bnb_folders_refused(base_dir, tmp_path, capsys):
     save_file(sd, f)
     with pytest.raises(CheckpointError, match="not the row-major int8 layout"):
         load_model(tmp_path / "i")
+
+
+def test_qlora_trains_on_a_transformers_nf4_folder(base_dir, tmp_path, capsys):
+    """A pre-quantized bitsandbytes folder (as published on the hub) is a QLoRA base as it is."""
+    from slimtune.data import sample_path
+
+    qc = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                         bnb_4bit_compute_dtype=torch.float32)
+    transformers.AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qc, device_map="cpu",
+                                                      dtype=torch.float32).save_pretrained(tmp_path / "q")
+    argv = ["finetune", f"model={tmp_path / 'q'}", f"tokenizer={base_dir}", "method=qlora", "targets=all-linear",
+            f"data={sample_path()}", "data_limit=8", "max_length=64", "max_steps=2", "batch_size=2", "lr=1e-2",
+            f"out_dir={tmp_path / 'o'}", "progress=false", "plot=false", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["steps"] == 2 and (tmp_path / "o" / "adapter" / "adapter_model.safetensors").exists()
