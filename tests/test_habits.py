@@ -164,6 +164,10 @@ def test_dotted_method_fields_and_duplicates(tmp_path):
                              "peft.lora_dropout=0.1"])
     m = method_config(cfg)
     assert (m.r, m.lora_alpha, m.use_rslora, m.lora_dropout, m.use_dora) == (4, 2.0, True, 0.1, True)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("data: x.json\nlora:\n  r: 8\n  rank_pattern: {q_proj: 2}\n")  # a mapping field stays whole
+    m = method_config(load_config(nested))
+    assert (m.r, m.rank_pattern) == (8, {"q_proj": 2})
     p = tmp_path / "two.yaml"
     p.write_text("data: x.json\nlr: 1.0e-4\nlearning_rate: 2.0e-4\n")
     with pytest.raises(ConfigError, match="lr is set twice, as 'lr' and as 'learning_rate'"):

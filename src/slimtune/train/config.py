@@ -309,13 +309,17 @@ def set_key(cfg: TrainConfig, key: str, value: Any, where: str) -> str:
 
 
 def _flatten(data: dict[str, Any]) -> list[tuple[str, Any]]:
-    """YAML items with a mapping under a section name (`optimizer: {lr: 1e-4}`, `lora: {r: 8}`) as dotted keys;
-    mappings that are a key's value (`method_args: {...}`) stay whole."""
+    """YAML items with a mapping under a section name (`optimizer: {lr: 1e-4}`, `lora: {r: 8}`) as dotted keys, one
+    level deep; mappings that are a key's value (`method_args: {...}`) stay whole."""
+    def admits_dict(tp: Any) -> bool:
+        union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+        return any(a is dict or typing.get_origin(a) is dict for a in (typing.get_args(tp) if union else (tp,)))
+
     out: list[tuple[str, Any]] = []
     for k, v in data.items():
         k = str(k)
-        if isinstance(v, dict) and typing.get_origin(HINTS.get(k)) is not dict and not k.startswith("method_args."):
-            out += _flatten({f"{k}.{sub}": sv for sub, sv in v.items()})
+        if isinstance(v, dict) and not admits_dict(HINTS.get(k)) and not k.startswith("method_args."):
+            out += [(f"{k}.{sub}", sv) for sub, sv in v.items()]  # one level: `lora: {rank_pattern: {...}}` stays
         else:
             out.append((k, v))
     return out
