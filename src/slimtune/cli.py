@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         mod = importlib.import_module(modname)
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _extra=getattr(mod, "EXTRA_POSITIONALS", None))
     return parser
 
 
@@ -44,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     from slimtune.errors import SlimtuneError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # positionals after a flag (`finetune cfg.yaml --json lr=1e-4`) join the command's list that takes them
+    stray = [a for a in extra if a.startswith("-") or not getattr(args, "_extra", None)]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        getattr(args, args._extra).extend(extra)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0

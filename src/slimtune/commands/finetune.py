@@ -6,17 +6,23 @@ import argparse
 import json
 
 HELP = "fine-tune a model: slimtune finetune CONFIG.yaml [key=value ...] (keys: see configs/*.yaml)"
+EXTRA_POSITIONALS = "overrides"  # key=value items may also follow the flags (`cfg.yaml --json lr=1e-4`)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="a YAML config (see configs/); may be left out when every key is given "
                                              "as key=value")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config key, e.g. lr=1e-4 "
-                                                                       "targets=[q_proj,v_proj] resume=latest")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override a config key, e.g. lr=1e-4 targets=[q_proj,v_proj] resume=latest; also the "
+                        "torchtune / axolotl / transformers names (learning_rate=, lora_r=) and dotted keys "
+                        "(optimizer.lr=, lora.r=); anywhere on the line")
+    p.add_argument("--config", dest="config_file", metavar="FILE", help="the YAML config, as a flag (torchtune's "
+                                                                        "spelling)")
     p.add_argument("--json", action="store_true", help="print one JSON summary object at the end")
 
 
 def run(args: argparse.Namespace) -> int:
+    from slimtune.errors import ConfigError
     from slimtune.train.config import load_config
     from slimtune.train.loop import train
 
@@ -24,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
     path = args.config
     if path is not None and "=" in path and not path.endswith((".yaml", ".yml")):
         path, overrides = None, [path] + overrides  # no file: everything on the command line
+    if args.config_file is not None:
+        if path is not None:
+            raise ConfigError(f"two config files ({path} and --config {args.config_file}); fix: give one")
+        path = args.config_file
     cfg = load_config(path, overrides)
     log = (lambda s: None) if args.json else print
     if args.json:

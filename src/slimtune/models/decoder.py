@@ -16,6 +16,25 @@ from slimtune.models.layers import MLP, make_norm
 from slimtune.models.recompute import HostPool, run_blocks
 
 
+class CausalLMOutput(Tensor):
+    """What `Decoder.forward` returns: the logits (B, T, vocab) as a tensor that also answers transformers' output
+    habits, `out.logits` (the same tensor) and `out.loss` (with `labels`: the mean next-token cross-entropy, else
+    None).
+
+    A tensor subclass rather than an output object, so that every caller that uses the logits as a tensor (the
+    training step, generation, `model(x)[:, -1]`, tests) stays unchanged and nothing is copied (`as_subclass` shares
+    storage and autograd history). Torch functions are disabled on it, as on nn.Parameter: any op on it returns a
+    plain Tensor, so it adds no dispatch cost and `.loss` never leaks into results derived from it.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    loss: Tensor | None = None
+
+    @property
+    def logits(self) -> Tensor:
+        return self
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -141,9 +160,18 @@ class Decoder(nn.Module):
             cache.pos += T
         return self.model.norm(x)
 
-    def forward(self, input_ids: Tensor | None = None, **kw) -> Tensor:
-        """Logits (B, T, vocab); keyword arguments as `hidden_states`."""
-        return self.lm_head(self.hidden_states(input_ids, **kw))
+    def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None, **kw) -> CausalLMOutput:
+        """Logits (B, T, vocab) as a `CausalLMOutput`; keyword arguments as `hidden_states`.
+
+        labels: (B, T), -100 where not trained: `.loss` is then the mean cross-entropy of logits[:, t] against
+        labels[:, t + 1] (transformers' causal-LM loss, `slimtune.train.loss.mean_lm_loss`).
+        """
+        out = self.lm_head(self.hidden_states(input_ids, **kw)).as_subclass(CausalLMOutput)
+        if labels is not None:
+            from slimtune.train.loss import mean_lm_loss
+
+            out.loss = mean_lm_loss(out, labels)
+        return out
 
 
 def init_weights(model: Decoder, seed: int, std: float = 0.02) -> Decoder:

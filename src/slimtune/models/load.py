@@ -18,6 +18,7 @@ from slimtune.models.decoder import Decoder
 from slimtune.models.tiny import BUILTIN_NAMES, builtin_model
 from slimtune.precision.formats import dtype_name, parse_dtype
 from slimtune.precision.guard import check_cast
+from slimtune.quant.bnb_config import BNB_METHOD, bnb_layers
 from slimtune.quant.codecs import get_codec
 from slimtune.quant.codecs.fourbit import FORMATS_4BIT
 from slimtune.quant.linear import QuantLinear, linear_names, quantize_model
@@ -56,7 +57,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     folder = resolve(path)
     cfg = ModelConfig.from_file(folder / "config.json")
     qc = cfg.hf.get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") == "slimtune":  # written by `slimtune quantize`
+    if isinstance(qc, dict) and qc.get("quant_method") in ("slimtune", BNB_METHOD):  # `slimtune quantize`, bnb
         return load_quantized(folder, cfg, dtype, device, force)
     target = dtype or cfg.torch_dtype
     cfg.dtype = dtype_name(target)
@@ -105,9 +106,23 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     return model.eval(), cfg
 
 
+def _quantized_layers(folder: Path, qc: dict) -> dict[str, tuple[str, int | None, bool]]:
+    """name -> (format, group size, double quant) of a quantized folder: from slimtune's `layers` map, or read from
+    the tensors of a bitsandbytes folder."""
+    if qc.get("quant_method") == BNB_METHOD:
+        return bnb_layers(folder, qc)
+    layers = qc.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise CheckpointError(f"{folder / 'config.json'}: quantization_config has no 'layers' map; re-quantize with "
+                              "slimtune quantize")
+    return {n: (fmt, qc.get("group_size") if get_codec(fmt).default_group else None,
+                bool(qc.get("double_quant")) and fmt in FORMATS_4BIT) for n, fmt in layers.items()}
+
+
 def load_quantized(folder: Path, cfg, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                    force: bool = False):
-    """Load a slimtune-quantized folder: empty QuantLinears on the meta device, then each tensor assigned as read.
+    """Load a quantized folder (written by `slimtune quantize`, or by transformers + bitsandbytes: nf4 / fp4 /
+    int8): empty QuantLinears on the meta device, then each tensor assigned as read.
 
     Returns:
         (model in eval mode, config).
@@ -116,21 +131,17 @@ def load_quantized(folder: Path, cfg, dtype: torch.dtype | None = None, device: 
             (a quantized layer without its scales included), an unexpected tensor.
         PrecisionError: a non-quantized tensor the requested dtype cannot hold (unless force).
     """
-    qc = cfg.hf["quantization_config"]
-    layers, where = qc.get("layers"), folder / "config.json"
-    if not isinstance(layers, dict) or not layers:
-        raise CheckpointError(f"{where}: quantization_config has no 'layers' map; re-quantize with slimtune quantize")
+    where = folder / "config.json"
+    layers = _quantized_layers(folder, cfg.hf["quantization_config"])
     target = dtype or cfg.torch_dtype
     cfg.dtype = dtype_name(target)
     with torch.device("meta"):
         model = Decoder(cfg)
-    for n, fmt in layers.items():
+    for n, (fmt, g, dq) in layers.items():
         try:
             lin = model.get_submodule(n)
         except AttributeError:
             raise CheckpointError(f"{where}: quantization_config names layer {n}, which this model lacks") from None
-        g = qc.get("group_size") if get_codec(fmt).default_group else None
-        dq = bool(qc.get("double_quant")) and fmt in FORMATS_4BIT
         try:
             q = QuantLinear(lin.in_features, lin.out_features, fmt, lin.bias is not None, g, dq, target, "meta", n)
         except ConfigError as e:
@@ -149,7 +160,7 @@ def load_quantized(folder: Path, cfg, dtype: torch.dtype | None = None, device: 
     if missing:
         raise CheckpointError(f"{folder}: tensor {missing[0]} is missing ({len(missing)} in all); the checkpoint is "
                               "incomplete; re-quantize the model or re-download it")
-    extra = [k for k in res.unexpected_keys if not k.endswith("nested_quant_map")]
+    extra = [k for k in res.unexpected_keys if not k.endswith(("nested_quant_map", ".weight_format"))]
     if extra:
         raise CheckpointError(f"{folder}: tensor {extra[0]} has no place in this model (is config.json from "
                               "another checkpoint?)")

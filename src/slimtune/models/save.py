@@ -78,8 +78,12 @@ def save_model(model, path: str | Path, dtype: str | torch.dtype | None = None,
 
 def save_quantized(model: nn.Module, out: str | Path, qcfg: dict[str, Any], tokenizer=None,
                    tokenizer_dir: str | Path | None = None) -> Path:
-    """Write a quantized `Decoder` as a folder: config.json with `quantization_config` = `qcfg`, each QuantLinear's
-    buffers (4-bit layers in bitsandbytes' key layout), the other tensors as they are, the tokenizer; atomically."""
+    """Write a quantized `Decoder` as a folder: config.json with a `quantization_config`, each QuantLinear's
+    buffers (4-bit and int8 layers in bitsandbytes' key layout), the other tensors as they are, the tokenizer;
+    atomically. The config is bitsandbytes' (`quant.bnb_config`, what transformers loads) where every quantized
+    layer is one bitsandbytes kind (nf4, fp4, int8), else slimtune's `qcfg`."""
+    from slimtune.quant.bnb_config import bnb_config
+
     hf = model.config.replace(dtype=dtype_name(model.model.embed_tokens.weight.dtype)).to_hf()
-    hf["quantization_config"] = qcfg
+    hf["quantization_config"] = bnb_config(model) or qcfg
     return write_model_folder(out, hf, _cpu_state(model), tokenizer=tokenizer, tokenizer_dir=tokenizer_dir)

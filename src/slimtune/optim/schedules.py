@@ -13,6 +13,11 @@ def total_steps(max_steps: int | None, epochs: float, batches_per_epoch: int, gr
     return max(1, math.ceil(epochs * math.ceil(batches_per_epoch / grad_accum)))
 
 
+def warmup_count(warmup_steps: int, warmup_ratio: float, total: int) -> int:
+    """Warmup steps: `warmup_steps` when set, else ceil(warmup_ratio * total) (transformers' TrainingArguments rule)."""
+    return warmup_steps if warmup_steps > 0 else math.ceil(warmup_ratio * total)
+
+
 def lr_at(step: int, lr: float, total: int, warmup_steps: int = 0, schedule: str = "cosine",
           min_lr: float = 0.0) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup to lr over warmup_steps (lr (s+1)/warmup),

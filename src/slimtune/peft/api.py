@@ -17,32 +17,69 @@ from slimtune.peft.targets import iter_modules, replace_module
 
 
 def method_config_from_dict(d: dict[str, Any]) -> MethodConfig:
-    """A method config from a plain dict (YAML / JSON / CLI): {'method': 'lora', 'r': 8, ...}.
+    """A method config from a plain dict (YAML / JSON / CLI): {'method': 'lora', 'r': 8, ...}, or a PEFT config's
+    `to_dict()` ({'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'target_modules': {...}, ...}).
 
     Raises:
-        ConfigError: no or unknown 'method', unknown option, out-of-range value (rank <= 0 ...).
+        ConfigError: no 'method' or 'peft_type', an unknown method, unknown option, out-of-range value (rank <= 0
+            ...), a PEFT option slimtune does not implement, a task_type other than CAUSAL_LM.
     """
+    if isinstance(d, dict) and "method" not in d and "peft_type" in d:
+        return peft_config(d)
     if not isinstance(d, dict) or "method" not in d:
-        raise ConfigError(f"a fine-tuning config needs a 'method' key; known methods: {', '.join(sorted(METHODS))}")
+        raise ConfigError(f"a fine-tuning config needs a 'method' key (or PEFT's 'peft_type'); known methods: "
+                          f"{', '.join(sorted(METHODS))}")
     return get_method(d["method"]).config_cls.from_dict(d)
 
 
-def apply_method(model: nn.Module, config: MethodConfig | dict[str, Any], adapter_name: str = "default") -> nn.Module:
+def peft_config(config: Any) -> MethodConfig:
+    """The method config of a `peft.PeftConfig` object (LoraConfig, IA3Config, PromptTuningConfig, ...) or of its
+    `to_dict()`: enums read as their values, sets as sorted lists, PEFT's bookkeeping fields ignored, as an
+    adapter_config.json is read; target_modules=None takes the method's default (LoRA: q_proj, v_proj, PEFT's
+    default for Llama, Mistral and Qwen2).
+
+    Raises:
+        ConfigError: a task_type other than CAUSAL_LM, an unsupported peft_type or option.
+    """
+    from enum import Enum
+
+    from slimtune.peft.base import method_for_peft_type
+
+    raw = config.to_dict() if hasattr(config, "to_dict") and not isinstance(config, dict) else dict(config)
+    d = {k: v.value if isinstance(v, Enum) else sorted(v) if isinstance(v, (set, frozenset)) else v
+         for k, v in raw.items()}
+    if d.get("target_modules") is None:
+        d.pop("target_modules", None)  # PEFT then takes its per-architecture default; ours is the same (q, v)
+    if d.get("task_type") not in (None, "CAUSAL_LM"):
+        raise ConfigError(f"task_type={d['task_type']!r}: slimtune's methods adapt causal language models; use "
+                          "task_type='CAUSAL_LM' (or leave it out)")
+    return method_for_peft_type(str(d.get("peft_type")), d).config_cls.from_peft_json(d)
+
+
+def apply_method(model: nn.Module, config: MethodConfig | dict[str, Any] | Any, adapter_name: str = "default",
+                 freeze: bool = True) -> nn.Module:
     """Insert adapter `adapter_name` of the configured method into `model` (in place) and make it the active one.
 
-    Nothing is frozen: call `freeze_base(model)` for that.
+    As PEFT's `get_peft_model`, everything but the new adapter is then frozen (`freeze_base`), so that
+    `AdamW(model.parameters())` trains the adapter only (frozen parameters get no gradient).
     Args:
         model: any nn.Module (slimtune's Decoder, a transformers model), on any device including meta.
-        config: a method config, or a dict for `method_config_from_dict`.
+        config: a method config; a dict for `method_config_from_dict`; or a `peft.PeftConfig` (LoraConfig ...).
         adapter_name: the name to store it under ('default' as PEFT).
+        freeze: False leaves every requires_grad flag as it was (the new adapter's parameters train).
     Returns:
         the same model.
     Raises:
         ConfigError: bad config, unknown method, targets matching nothing, a name already in use.
     """
-    cfg = method_config_from_dict(config) if isinstance(config, dict) else config
+    if isinstance(config, dict):
+        cfg = method_config_from_dict(config)
+    elif not isinstance(config, MethodConfig) and hasattr(config, "peft_type") and hasattr(config, "to_dict"):
+        cfg = peft_config(config)
+    else:
+        cfg = config
     if not isinstance(cfg, MethodConfig):
-        raise ConfigError(f"apply_method needs a method config or a dict, got {type(config).__name__}")
+        raise ConfigError(f"apply_method needs a method config, a dict or a peft config, got {type(config).__name__}")
     cfg.validate()
     adapters = model_adapters(model)
     if adapter_name in adapters:
@@ -51,6 +88,8 @@ def apply_method(model: nn.Module, config: MethodConfig | dict[str, Any], adapte
     get_method(cfg.method).apply(model, cfg, adapter_name)
     adapters[adapter_name] = cfg
     set_active_adapters(model, [adapter_name])
+    if freeze:
+        freeze_base(model, adapter_name)
     return model
 
 

@@ -37,7 +37,7 @@ FILE_PREFIX = "base_model.model."  # PEFT's prefix of a module path inside adapt
 
 
 def option(default: Any = MISSING, *, default_factory: Any = MISSING, flat: str | None = None,
-           cli: str | None = None, resume: bool = True, help: str = "") -> Any:
+           cli: str | None = None, resume: bool = True, help: str = "", aliases: tuple[str, ...] = ()) -> Any:
     """A method config field with its user-facing facts (dataclasses.field metadata).
 
     Args:
@@ -46,21 +46,26 @@ def option(default: Any = MISSING, *, default_factory: Any = MISSING, flat: str 
         cli: the `slimtune params` flag (`--cli`); default: the flat key; None with no flat key: no flag.
         resume: a run resumed from a checkpoint must keep this value (it changes the numerics).
         help: one line for --help.
+        aliases: other names of the flat key that a run accepts (PEFT's, torchtune's, axolotl's: `lora_r`,
+            `lora_rank` for `rank`); they are read as the flat key and never written back.
     """
-    md = {"flat": flat, "cli": cli or (flat.replace("_", "-") if flat else None), "resume": resume, "help": help}
+    md = {"flat": flat, "cli": cli or (flat.replace("_", "-") if flat else None), "resume": resume, "help": help,
+          "aliases": tuple(aliases)}
     return field(default=default, default_factory=default_factory, metadata={"slimtune": md})
 
 
 @dataclass(frozen=True)
 class DeclaredOption:
     """One user-facing name of method fields (a flat run key, or a `slimtune params` flag): the fields' type (made
-    optional), help, whether resume must keep it, and {method: field name} of the methods it sets."""
+    optional), help, whether resume must keep it, {method: field name} of the methods it sets, and the other names
+    (aliases) a run accepts for it."""
 
     name: str
     type: Any
     help: str
     resume: bool
     fields: dict[str, str]
+    aliases: tuple[str, ...] = ()
 
 
 def _optional(tp: Any) -> Any:
@@ -73,7 +78,11 @@ def _optional(tp: Any) -> Any:
 def declared_options(kind: str = "flat") -> dict[str, DeclaredOption]:
     """name -> DeclaredOption for every `option(..., flat=...)` (kind 'flat') or `option(..., cli=...)` (kind 'cli')
     of every registered method, in registration and field order. The first method declaring a name gives its type
-    and help."""
+    and help; the aliases of every method declaring it are joined.
+
+    Raises:
+        ConfigError: one alias declared for two different names (a declaration bug).
+    """
     out: dict[str, DeclaredOption] = {}
     for spec in load_methods().values():
         hints = typing.get_type_hints(spec.config_cls)
@@ -83,8 +92,16 @@ def declared_options(kind: str = "flat") -> dict[str, DeclaredOption]:
                 continue
             md, have = f.metadata["slimtune"], out.get(key)
             fields = {**(have.fields if have else {}), spec.name: f.name}
+            mine = md.get("aliases", ()) if kind == "flat" else ()  # aliases name run keys, not params flags
+            aliases = tuple(dict.fromkeys((*(have.aliases if have else ()), *mine)))
             out[key] = DeclaredOption(key, have.type if have else _optional(hints[f.name]),
-                                      have.help if have else md["help"], md["resume"], fields)
+                                      have.help if have else md["help"], md["resume"], fields, aliases)
+    owner: dict[str, str] = {}
+    for key, o in out.items():
+        for a in o.aliases:
+            other = a if a in out else owner.setdefault(a, key)
+            if other != key:
+                raise ConfigError(f"option alias {a!r} of {key!r} is already the name of {other!r}")
     return out
 
 

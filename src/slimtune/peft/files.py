@@ -32,10 +32,10 @@ def _base_name(model: nn.Module) -> str | None:
 def adapter_json(model: nn.Module, cfg: MethodConfig, name: str,
                  base_model_name_or_path: str | None = None) -> dict[str, Any]:
     """The adapter_config.json of adapter `name`: the method's fields plus PEFT's bookkeeping ones."""
-    d = cfg.to_peft_json()
-    if d.get("target_modules") == "all-linear":  # as PEFT does after injecting: the names actually adapted
-        from slimtune.peft.targets import short_names
+    from slimtune.peft.targets import ALL_LINEAR, short_names
 
+    d = cfg.to_peft_json()
+    if d.get("target_modules") == ALL_LINEAR:  # as PEFT does after injecting: the names actually adapted
         paths = [k[len(FILE_PREFIX):].rsplit(".", 2)[0] for k in get_method(cfg.method).state_dict(model, name)
                  if k.endswith("lora_A.weight")]
         d["target_modules"] = short_names(paths) or d["target_modules"]

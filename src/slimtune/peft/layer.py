@@ -10,10 +10,32 @@ from slimtune.errors import ConfigError
 from slimtune.peft.base import MethodConfig
 
 
+BASE = "base_layer."
+
+
+def _base_names_out(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: the base layer's entries under the layer's own names (`q_proj.weight`, not
+    `q_proj.base_layer.weight`), so that the state dict of a model with adapters (what transformers' save_pretrained
+    writes) holds the base weights where the plain model has them; the adapters' entries keep their names."""
+    inner = prefix + BASE
+    for k in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + k[len(inner):]] = state_dict.pop(k)
+
+
+def _base_names_in(module: nn.Module, state_dict: dict, prefix: str, *_: object) -> None:
+    """load_state_dict pre-hook, the inverse: entries under the layer's own names go to `base_layer` (entries already
+    named `base_layer.*` load as they are)."""
+    own = set(module._modules) | set(module._parameters) | set(module._buffers)
+    for k in [k for k in state_dict if k.startswith(prefix)]:
+        if k[len(prefix):].split(".", 1)[0] not in own:
+            state_dict[prefix + BASE + k[len(prefix):]] = state_dict.pop(k)
+
+
 class AdapterLayer(nn.Module):
     """A layer that wraps `base_layer` and holds named adapters in the ModuleDicts / ParameterDicts listed in
     `adapter_attrs` (e.g. ('lora_A', 'lora_B')). `active` names the adapters used in forward; `disabled` bypasses
-    all of them; `merged` lists adapters folded into the base weight."""
+    all of them; `merged` lists adapters folded into the base weight. In `state_dict()` the base layer's entries
+    carry the wrapped layer's own names (`_base_names_out`); `load_state_dict` takes either naming."""
 
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
 
@@ -24,6 +46,8 @@ class AdapterLayer(nn.Module):
         self.active: list[str] = []
         self.disabled = False
         self.merged: list[str] = []
+        self.register_state_dict_post_hook(_base_names_out)
+        self.register_load_state_dict_pre_hook(_base_names_in)
 
     def adapter_names(self) -> list[str]:
         names: dict[str, None] = {}

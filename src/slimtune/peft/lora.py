@@ -17,7 +17,7 @@ from slimtune.errors import ConfigError
 from slimtune.peft.base import MethodConfig, MethodSpec, check_rank, file_key, option, register
 from slimtune.peft.layer import AdapterLayer
 from slimtune.peft.save_modules import add_modules_to_save, modules_to_save_shapes, modules_to_save_state_dict
-from slimtune.peft.targets import find_targets, replace_module
+from slimtune.peft.targets import ALL_LINEAR, find_targets, replace_module
 
 
 # PEFT LoRA options that change what the adapter computes; an adapter that sets one is refused rather than misread
@@ -31,12 +31,15 @@ class LoraConfig(MethodConfig):
 
     method = "lora"
     peft_type = "LORA"
-    r: int = option(8, flat="rank", help="LoRA / DoRA rank r")
-    lora_alpha: float = option(8, flat="alpha", help="LoRA scaling numerator: the update is scaled by alpha / r")
+    # aliases: PEFT's field names, torchtune's (lora_rank) and axolotl's (lora_r, lora_target_modules) run keys
+    r: int = option(8, flat="rank", help="LoRA / DoRA rank r", aliases=("r", "lora_r", "lora_rank"))
+    lora_alpha: float = option(8, flat="alpha", help="LoRA scaling numerator: the update is scaled by alpha / r",
+                               aliases=("lora_alpha",))
     target_modules: list[str] | str | None = option(
         default_factory=lambda: ["q_proj", "v_proj"], flat="targets",
+        aliases=("target_modules", "lora_target_modules"),
         help="modules to adapt: comma-separated names / suffixes, a regex, or all-linear")
-    lora_dropout: float = option(0.0, flat="dropout", help="dropout on the adapter input")
+    lora_dropout: float = option(0.0, flat="dropout", help="dropout on the adapter input", aliases=("lora_dropout",))
     bias: str = "none"  # only "none": trainable biases are BitFit's job
     use_rslora: bool = option(False, flat="use_rslora", help="scale alpha / sqrt(r) (Kalajdzievski 2023)")
     use_dora: bool = option(False, flat="use_dora", help="DoRA: learn a magnitude per output row")
@@ -49,6 +52,12 @@ class LoraConfig(MethodConfig):
     layers_pattern: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        # ['all-linear'] (a YAML list, a flat key read as a list) means the keyword: PEFT matches a list literally
+        t = self.target_modules
+        if isinstance(t, (list, tuple, set)) and len(t) == 1 and ALL_LINEAR in t:
+            self.target_modules = ALL_LINEAR
 
     def validate(self) -> None:
         check_rank(self.r, "LoRA rank r")
@@ -67,11 +76,14 @@ class LoraConfig(MethodConfig):
                               "'gaussian'")
         if not self.target_modules:
             raise ConfigError("LoRA needs target_modules (names such as q_proj, a regular expression, or all-linear)")
+        if not isinstance(self.target_modules, str) and ALL_LINEAR in self.target_modules:
+            raise ConfigError(f"target_modules {list(self.target_modules)}: all-linear stands alone; list module "
+                              "names instead, or use all-linear plus modules_to_save")
 
     def to_peft_json(self) -> dict[str, Any]:
         d = super().to_peft_json()
         t = self.target_modules  # a plain name as a one-element list: a PEFT string is a full-path regex
-        if isinstance(t, str) and t != "all-linear" and re.fullmatch(r"[A-Za-z0-9_.\-,]+", t):
+        if isinstance(t, str) and t != ALL_LINEAR and re.fullmatch(r"[A-Za-z0-9_.\-,]+", t):
             d["target_modules"] = [x for x in t.split(",") if x]
         return d
 

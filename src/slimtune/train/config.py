@@ -7,7 +7,6 @@ written back as YAML beside the outputs.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,12 +20,37 @@ from slimtune.optim.build import OPTIMIZERS
 from slimtune.optim.schedules import SCHEDULES
 from slimtune.peft.base import DeclaredOption, declared_options
 from slimtune.precision.policy import BASE_DTYPES, PRECISIONS
+from slimtune.train.keys import alias_map, resolve_key, unknown_key_hint
 
 # run keys that must match between a checkpoint and the run resuming from it (else the numerics differ); the method
 # options that must match are declared by the methods themselves (`option(..., resume=True)`)
 RESUME_KEYS = ("model", "method", "method_args", "quant", "data", "data_format", "template", "train_on_prompt",
                "max_length", "packing", "precision", "base_dtype", "batch_size", "grad_accum", "lr", "min_lr",
-               "warmup_steps", "schedule", "weight_decay", "betas", "optimizer", "seed")
+               "warmup_steps", "warmup_ratio", "schedule", "weight_decay", "betas", "optimizer", "seed")
+
+# other spellings of run keys, as torchtune, axolotl, transformers' TrainingArguments and TRL write them (same meaning
+# and values): read as the key, never written back. Method options declare theirs on their field
+# (`peft.base.option(..., aliases=...)`: lora_r, lora_rank, lora_alpha, lora_dropout, lora_target_modules, ...).
+RUN_ALIASES: dict[str, tuple[str, ...]] = {
+    "model": ("base_model", "model_name_or_path"), "method": ("adapter",),
+    "data": ("train_file",), "max_length": ("sequence_len", "max_seq_length", "max_seq_len", "cutoff_len"),
+    "packing": ("sample_packing", "packed"), "train_on_prompt": ("train_on_inputs",), "val_fraction": ("val_set_size",),
+    "grad_ckpt": ("gradient_checkpointing", "enable_activation_checkpointing"),
+    "batch_size": ("micro_batch_size", "per_device_train_batch_size"), "grad_accum": ("gradient_accumulation_steps",),
+    "epochs": ("num_epochs", "num_train_epochs"), "lr": ("learning_rate",), "warmup_steps": ("num_warmup_steps",),
+    "schedule": ("lr_scheduler", "lr_scheduler_type"), "max_grad_norm": ("clip_grad_norm",),
+    "eval_every": ("eval_steps",), "save_every": ("save_steps",), "keep_last": ("save_total_limit",),
+    "resume": ("resume_from_checkpoint",), "out_dir": ("output_dir",), "log_every": ("logging_steps",),
+}
+# foreign keys whose value means something else than here: refused with the slimtune setting to write instead
+INSTEAD: dict[str, str] = {
+    "lora_target_linear": "targets=all-linear", "load_in_4bit": "method=qlora (quant=nf4)",
+    "load_in_8bit": "method=qlora quant=int8", "bf16": "precision=bf16-mixed (or bf16-true)",
+    "fp16": "precision=fp16-mixed", "optim": "optimizer=adamw, adamw8bit or sgd",
+    "datasets": "data=FILE (a .json / .jsonl / .parquet file, or a list of them)",
+    "lora_attn_modules": "targets=q_proj,k_proj,v_proj,o_proj (or all-linear)",
+    "_component_": "method=..., optimizer=... and schedule=... (slimtune builds the objects itself)",
+}
 
 
 @dataclass
@@ -70,6 +94,7 @@ class TrainConfig:
     lr: float = 2e-4
     min_lr: float = 0.0  # where the decay ends
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # share of the steps to warm up over, rounded up (transformers'); warmup_steps wins
     schedule: str = "cosine"  # cosine, linear, constant (after warmup)
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -105,6 +130,8 @@ class TrainConfig:
                     "max_grad_norm"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.max_steps is None and self.epochs <= 0:
@@ -168,6 +195,9 @@ def coerce(value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if isinstance(value, str) and str in args and "," not in value \
+                and any(typing.get_origin(a) is list for a in args):
+            return value  # list or str: `targets=all-linear` is the keyword, not ['all-linear']; a comma makes a list
         for a in args:
             if a is type(None):
                 continue
@@ -228,18 +258,41 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def set_key(cfg: TrainConfig, key: str, value: Any, where: str) -> None:
-    """Set `key` on cfg after checking that it exists and that the value has its type.
+def _key_tables() -> tuple[list[str], dict[str, str], dict[str, dict[str, str | None]]]:
+    """(every run key, alias -> key, method -> {field: its flat key or None}) for `train.keys`."""
+    from slimtune.peft.base import load_methods
 
+    flat = flat_options()
+    aliases = alias_map(RUN_ALIASES, {k: o.aliases for k, o in flat.items()})
+    method_fields: dict[str, dict[str, str | None]] = {}
+    for name, spec in load_methods().items():
+        method_fields[name] = dict.fromkeys(spec.config_cls.field_names())
+        for k, o in flat.items():
+            if name in o.fields:
+                method_fields[name][o.fields[name]] = k
+    return [*FIELDS, *flat], aliases, method_fields
+
+
+def set_key(cfg: TrainConfig, key: str, value: Any, where: str) -> str:
+    """Set `key` (a run key, an alias or a dotted form: `train.keys`) on cfg after checking that it exists and that
+    the value has its type.
+
+    Returns:
+        the key set: the run key, or 'method_args.FIELD'.
     Raises:
         ConfigError: '<where>: unknown key ..., did you mean ...' or '<where>: key=value is not a <type>'.
     """
     flat = flat_options()
-    if key not in FIELDS and key not in flat:
-        known = [*FIELDS, *flat]
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(known)}"
+    keys, aliases, method_fields = _key_tables()
+    found = resolve_key(key, keys, aliases, method_fields)
+    if found is None:
+        hint = unknown_key_hint(key, keys, aliases, INSTEAD, method_fields)
         raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+    name, field_ = found
+    if field_ is not None:  # one field of the method's config, verbatim (the method's from_dict checks it)
+        cfg.method_args[field_] = value
+        return f"method_args.{field_}"
+    key = name
     tp = flat[key].type if key in flat else HINTS[key]
     try:
         v = coerce(value, tp)
@@ -252,6 +305,24 @@ def set_key(cfg: TrainConfig, key: str, value: Any, where: str) -> None:
         cfg.options.pop(key, None)
     else:
         cfg.options[key] = v
+    return key
+
+
+def _flatten(data: dict[str, Any]) -> list[tuple[str, Any]]:
+    """YAML items with a mapping under a section name (`optimizer: {lr: 1e-4}`, `lora: {r: 8}`) as dotted keys, one
+    level deep; mappings that are a key's value (`method_args: {...}`) stay whole."""
+    def admits_dict(tp: Any) -> bool:
+        union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+        return any(a is dict or typing.get_origin(a) is dict for a in (typing.get_args(tp) if union else (tp,)))
+
+    out: list[tuple[str, Any]] = []
+    for k, v in data.items():
+        k = str(k)
+        if isinstance(v, dict) and not admits_dict(HINTS.get(k)) and not k.startswith("method_args."):
+            out += [(f"{k}.{sub}", sv) for sub, sv in v.items()]  # one level: `lora: {rank_pattern: {...}}` stays
+        else:
+            out.append((k, v))
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -280,8 +351,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}:{at} not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping of key: value lines, got a {type(data).__name__}")
-        for k, v in data.items():
-            set_key(cfg, str(k), v, str(p))
+        seen: dict[str, str] = {}
+        for k, v in _flatten(data):
+            name = set_key(cfg, k, v, str(p))
+            if seen.setdefault(name, k) != k:
+                raise ConfigError(f"{p}: {name} is set twice, as '{seen[name]}' and as '{k}'; fix: keep one")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"command line: '{item}' is not key=value; fix: write e.g. lr=1e-4")

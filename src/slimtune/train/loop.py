@@ -19,7 +19,7 @@ from torch import nn
 
 from slimtune import kernels
 from slimtune.errors import ConfigError
-from slimtune.optim.schedules import lr_at, total_steps
+from slimtune.optim.schedules import lr_at, total_steps, warmup_count
 from slimtune.train.build import build_data, build_model, build_optimizer, pick_device, predict_memory
 from slimtune.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from slimtune.train.config import TrainConfig, resume_keys, save_config
@@ -142,7 +142,8 @@ class Run:
     def one_step(self) -> dict[str, Any]:
         """Set the learning rate, run one optimizer step, log it; returns the metrics row."""
         cfg = self.cfg
-        lr = lr_at(self.step, cfg.lr, self.total, cfg.warmup_steps, cfg.schedule, cfg.min_lr)
+        warmup = warmup_count(cfg.warmup_steps, cfg.warmup_ratio, self.total)
+        lr = lr_at(self.step, cfg.lr, self.total, warmup, cfg.schedule, cfg.min_lr)
         if self.graphed is None:  # (the graphed step sets its own device-side learning rate)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from slimtune.errors import CheckpointError
 from slimtune.quant.codecs.base import GroupedCodec
-from slimtune.quant.codecs.fourbit import (Quant4bit, check_block, code_table, dequantize_4bit, dequantize_4bit_into,
-                                           dynamic_map, quantize_4bit)
+from slimtune.quant.codecs.fourbit import (FORMATS_4BIT, Quant4bit, check_block, code_table, dequantize_4bit,
+                                           dequantize_4bit_into, dynamic_map, quantize_4bit)
 
 
 def to_bnb_state_dict(q: Quant4bit, prefix: str = "") -> dict[str, Tensor]:
@@ -34,6 +34,24 @@ def to_bnb_state_dict(q: Quant4bit, prefix: str = "") -> dict[str, Tensor]:
     return sd
 
 
+def quant_state_meta(t: Tensor, key: str = "quant_state") -> dict:
+    """The JSON object (quant_type, blocksize, dtype, shape, nested fields) that a `weight.quant_state.bitsandbytes__*`
+    tensor holds as uint8 bytes.
+
+    Raises:
+        CheckpointError: anything else (names `key`).
+    """
+    try:
+        meta = json.loads(bytes(t.reshape(-1).cpu().tolist()).decode("utf-8"))
+        if meta["quant_type"] not in FORMATS_4BIT:
+            raise ValueError(f"quant_type {meta['quant_type']!r}")
+        int(meta["blocksize"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{key}: not a bitsandbytes 4-bit quant state ({e}); the checkpoint is damaged") \
+            from None
+    return meta
+
+
 def from_bnb_state_dict(sd: dict[str, Tensor], prefix: str = "") -> Quant4bit:
     """Read a 4-bit weight saved by bitsandbytes (or `to_bnb_state_dict`), with the code tables it was saved with.
 
@@ -45,7 +63,7 @@ def from_bnb_state_dict(sd: dict[str, Tensor], prefix: str = "") -> Quant4bit:
         if need not in sd:
             raise CheckpointError(f"quantized checkpoint lacks {need} (the 4-bit weight's scales/state); "
                                   "re-quantize the model or re-download the checkpoint")
-    meta = json.loads(bytes(sd[key].cpu().tolist()).decode("utf-8"))
+    meta = quant_state_meta(sd[key], key)
     fmt = meta["quant_type"]
     q = Quant4bit(sd[f"{prefix}weight"].view(torch.uint8).reshape(-1, 1), sd[f"{prefix}weight.absmax"],
                   torch.Size(meta["shape"]), getattr(torch, meta["dtype"]), fmt, int(meta["blocksize"]))
