@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+import slimtune.kernels as kernels_pkg
 from slimtune.kernels import enabled
 
 COMPILE = r'''
@@ -86,10 +87,15 @@ def test_dispatch_switch(monkeypatch):
     assert not enabled("cpu")  # auto: the CPU takes the reference even under the interpreter
     assert enabled("cpu", True) == (importlib.util.find_spec("triton") is not None)
     assert not enabled("cpu", "off") and not enabled("cuda", False)
-    monkeypatch.setenv("SLIMTUNE_KERNELS", "off")
+    # SLIMTUNE_KERNELS is read once at import (kernels._ENV_MODE); a fresh process sees the variable
+    monkeypatch.setattr(kernels_pkg, "_ENV_MODE", "off")
     assert not enabled("cuda") and not enabled("cpu")
-    monkeypatch.setenv("SLIMTUNE_KERNELS", "on")
+    monkeypatch.setattr(kernels_pkg, "_ENV_MODE", "on")
     assert enabled("cpu") == (importlib.util.find_spec("triton") is not None)
+    code = "import slimtune.kernels as k; print(k.enabled('cuda'))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "SLIMTUNE_KERNELS": "off"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
 
 
 def test_importing_kernels_does_not_import_triton():

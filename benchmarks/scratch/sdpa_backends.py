@@ -27,7 +27,6 @@ for name, b in [("cudnn", [SDPBackend.CUDNN_ATTENTION]), ("flash", [SDPBackend.F
     try:
         if b is None:
             d = decode.__wrapped__ if False else None
-            import contextlib
             torch.cuda.synchronize()
             k = torch.randn(1, nkv, 192, hd, device=dev, dtype=dt); v = torch.randn_like(k); q = torch.randn(1, nh, 1, hd, device=dev, dtype=dt)
             t = time.perf_counter()
