@@ -20,6 +20,18 @@ from torch import Tensor, nn
 CKPT_MODES = (False, True, "offload")
 
 
+
+def copy_on_stream(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> torch.cuda.Event:
+    """Copy CUDA tensor `src` into `dst` (pinned host memory, or back) on `stream`, overlapping the compute stream;
+    returns the event that marks the copy done. `src` stays alive for the allocator until the copy ends."""
+    stream.wait_stream(torch.cuda.current_stream(src.device))  # src is fully written
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(stream)
+    src.record_stream(stream)  # the allocator may reuse src's memory only once the copy is done
+    return ev
+
 class HostPool:
     """Pinned host buffers for block inputs, one per block index, reused from step to step (allocating pinned memory
     costs far more than copying into it). On the CPU the "host" copy is an ordinary clone."""
@@ -55,14 +67,8 @@ class OffloadedInputs:
             self.host.append(h)
             self.saved.append(None)
             return i
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # x is fully written
-        with torch.cuda.stream(self.stream):
-            h.copy_(x, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(self.stream)
-        x.record_stream(self.stream)  # the allocator may reuse x's memory only once the copy is done
         self.host.append(h)
-        self.saved.append(ev)
+        self.saved.append(copy_on_stream(h, x, self.stream))
         return i
 
     def _start_fetch(self, i: int) -> None:

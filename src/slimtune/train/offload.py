@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from slimtune.models.recompute import copy_on_stream
 
 
 def _is_weight_copy(t: Tensor) -> bool:
@@ -69,13 +70,7 @@ class offload_activations(torch.autograd.graph.saved_tensors_hooks):
             slot = _Slot(len(self.slots), host, None, t.device, nbytes)
         else:
             host = torch.empty_like(t, device="cpu", pin_memory=True)  # keeps t's strides (dense tensors)
-            self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is fully written
-            with torch.cuda.stream(self.stream):
-                host.copy_(t, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(self.stream)
-            t.record_stream(self.stream)  # the allocator may reuse t's memory only once the copy is done
-            slot = _Slot(len(self.slots), host, ev, t.device, nbytes)
+            slot = _Slot(len(self.slots), host, copy_on_stream(host, t, self.stream), t.device, nbytes)
         self.slots.append(slot)
         return slot
 
