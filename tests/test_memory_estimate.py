@@ -75,7 +75,8 @@ def _predicted_saved(e: dict, cfg, ckpt: bool, resid_bytes: int) -> int:
     return blocks + d["shared_saved_bytes"] + d["head_saved_bytes"] + B * T * cfg.vocab_size * 4 + B * T * 8 + 4
 
 
-@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen2", "tiny-qwen3", "gpt3-175b", "llama3-8b"])
+@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen2", "tiny-qwen3", "gpt3-175b", "llama3-8b", "gemma2-9b",
+                                   "gemma3-12b", "phi3-mini"])
 def test_param_table_matches_decoder(shape):
     meta = {n: tuple(p.shape) for n, p in build_meta(get_shape(shape)).named_parameters()}
     assert {p.name: p.shape for p in param_table(get_shape(shape))} == meta

@@ -10,8 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimtune.errors import ConfigError
 from slimtune.io.folders import write_folder_atomically
 from slimtune.io.safetensors import DEFAULT_SHARD, save_state_dict
+from slimtune.models.fallback import is_transformers_model
 from slimtune.precision.formats import dtype_name, parse_dtype
 from slimtune.precision.guard import check_cast
 
@@ -34,10 +36,25 @@ def write_model_folder(path: str | Path, hf: dict[str, Any], sd: dict[str, Tenso
     def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         save_state_dict(sd, tmp, max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        elif tokenizer_dir is not None:
-            copy_tokenizer_files(Path(tokenizer_dir), tmp)
+        _write_tokenizer(tmp, tokenizer, tokenizer_dir)
+
+    return write_folder_atomically(Path(path), fill)
+
+
+def _write_tokenizer(tmp: Path, tokenizer, tokenizer_dir: str | Path | None) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    elif tokenizer_dir is not None:
+        copy_tokenizer_files(Path(tokenizer_dir), tmp)
+
+
+def save_transformers_model(model: nn.Module, path: str | Path, max_shard_size: int = DEFAULT_SHARD,
+                            tokenizer=None, tokenizer_dir: str | Path | None = None) -> Path:
+    """A transformers model (the fallback for architectures the decoder does not cover) through its own
+    `save_pretrained` (safetensors, its config, tied weights once), written into a temporary folder and renamed."""
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        _write_tokenizer(tmp, tokenizer, tokenizer_dir)
 
     return write_folder_atomically(Path(path), fill)
 
@@ -63,8 +80,14 @@ def save_model(model, path: str | Path, dtype: str | torch.dtype | None = None,
         force: cast even where the precision guard refuses.
     Raises:
         PrecisionError: a tensor `dtype` cannot hold (unless force).
+        ConfigError: `dtype` with a transformers model (the fallback saves its weights as they are).
     """
     dtype = parse_dtype(dtype)
+    if is_transformers_model(model):
+        if dtype is not None:
+            raise ConfigError(f"saving a {model.config.model_type} model (through transformers) in another dtype is "
+                              "not supported; save it as it is")
+        return save_transformers_model(model, path, max_shard_size, tokenizer, tokenizer_dir)
     sd = _cpu_state(model)
     for k, t in sd.items():
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
