@@ -147,3 +147,54 @@ def test_softcapped_attention_against_float64(causal):
     s = s.masked_fill(~allowed, float("-inf"))
     want = torch.einsum("bhts,bhsd->bhtd", s.softmax(-1), v.double().repeat_interleave(2, 1))
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text", "phi3"])
+def test_static_cache_decoding_equals_dynamic(arch, tmp_path):
+    """The fixed-shape decode step that CUDA graphs replay (a static KVCache: slots, index, the caller's mask), run
+    eagerly past the sliding window: the same tokens as the dynamic cache."""
+    from slimtune.generate import SamplingConfig, generate
+    from slimtune.models.cache import KVCache
+
+    folder, _ = _folder(arch, tmp_path)
+    model, cfg = load_model(folder)
+    ids, n = torch.randint(3, 300, (2, 6)), 14  # 20 positions, window 8 / 10
+    want = generate(model, ids, sc=SamplingConfig(max_new_tokens=n, stop_token_ids=[]), cuda_graph=False)
+    T, L = ids.shape[1], ids.shape[1] + n
+    cache = KVCache(cfg, 2, L, "cpu", torch.float32)
+    with torch.no_grad():
+        logits = model(ids, cache=cache)[:, -1]
+        cache.static = True
+        slots = torch.zeros(2, L, dtype=torch.long)
+        slots[:, :T] = 1
+        got = []
+        for i in range(n):
+            nxt = logits.argmax(-1)
+            got.append(nxt)
+            slots[:, T + i] = 1
+            cache.index.fill_(T + i)
+            pos = torch.full((2, 1), T + i)
+            logits = model(nxt[:, None], attention_mask=slots, position_ids=pos, cache=cache)[:, -1]
+    assert torch.stack(got, 1).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "phi3"])
+@pytest.mark.parametrize("method", [dict(method="dora", r=2, target_modules="all-linear"),
+                                    dict(method="ia3", target_modules=["o_proj", "down_proj"],
+                                         feedforward_modules=["down_proj"]),
+                                    dict(method="prefix", num_virtual_tokens=3),
+                                    dict(method="prompt", num_virtual_tokens=3)])
+def test_methods_train_on_the_new_families(arch, method, tmp_path):
+    """Each kind of method (weight adapter, scaling vector, key/value prefix, virtual tokens) applies to the new
+    families and gets gradients."""
+    from slimtune.peft.prompt import forward_with_prompts
+
+    folder, _ = _folder(arch, tmp_path)
+    model, _ = load_model(folder)
+    P.apply_method(model, method)
+    n = P.freeze_base(model)
+    x = _ids()
+    out = forward_with_prompts(model, x).logits if method["method"] in ("prefix", "prompt") else model(x)
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert n > 0 and grads and all(g is not None and torch.isfinite(g).all() for g in grads)
