@@ -21,6 +21,13 @@ SHAPES: dict[str, dict] = {
                        tie_word_embeddings=True),
     "tiny-qwen3": dict(model_type="qwen3", vocab_size=320, hidden_size=128, intermediate_size=352,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64, qk_norm=True),
+    "tiny-gemma2": dict(model_type="gemma2", vocab_size=320, hidden_size=128, intermediate_size=352,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                        hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True, norm_offset=True,
+                        sandwich_norm=True, embed_scale=True, query_pre_attn_scalar=24, attn_softcap=50.0,
+                        final_softcap=30.0, sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+    "tiny-phi3": dict(model_type="phi3", vocab_size=320, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, fused_proj=True, sliding_window=16),
     # real shapes
     "llama3-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                       num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
