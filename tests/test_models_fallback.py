@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import slimtune.peft as P
+from slimtune.cli import main
 from slimtune.data import sample_path
 from slimtune.errors import CheckpointError, ConfigError
 from slimtune.generate import SamplingConfig, generate
@@ -69,6 +70,13 @@ def test_gpt2_lora_through_slimtune_finetune_loads_in_peft(tmp_path):
     assert (y - base).abs().max() > 1e-4
     pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(folder), out / "adapter")
     assert (pm.eval()(x).logits - y).abs().max() <= 1e-5
+    # merged into the base (GPT-2's Conv1D layout written back) and generated from, by the CLI
+    assert main(["merge-adapter", "--model", str(folder), "--adapter", str(out / "adapter"), "--out",
+                 str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (merged(x).logits - y).abs().max() <= 1e-4
+    assert main(["generate", "--model", str(tmp_path / "merged"), "--prompt", "Hi", "--max-new-tokens", "4",
+                 "--json"]) == 0
     # and a PEFT adapter on GPT-2's Conv1D (fan_in_fan_out) loads into the fallback with PEFT's logits
     cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_proj"], fan_in_fan_out=True, task_type="CAUSAL_LM")
     pm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(folder), cfg)

@@ -30,6 +30,17 @@ def fallback_note(model: nn.Module) -> str | None:
     return NOTE.format(model.config.model_type) if is_transformers_model(model) else None
 
 
+def require_decoder(model: nn.Module, what: str) -> None:
+    """Refuse, in one line, a feature that needs slimtune's own decoder for a model loaded through transformers.
+
+    Raises:
+        ConfigError: naming the feature and the model type.
+    """
+    if is_transformers_model(model):
+        raise ConfigError(f"{what} needs one of slimtune's decoders; model_type {model.config.model_type} runs through "
+                          "transformers' own implementation (fine-tuning, adapters, merging and generation work)")
+
+
 class TransposedLinear(nn.Linear):
     """transformers' Conv1D (GPT-2: y = x W + b with W stored (in, out)) as an nn.Linear (weight (out, in)), so that
     LoRA and every other method adapt it as a linear layer; its state dict keeps the stored (in, out) layout, so

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from slimtune.errors import ConfigError
 from slimtune.io.folders import write_folder_atomically
 from slimtune.io.safetensors import DEFAULT_SHARD, save_state_dict
 from slimtune.models.fallback import is_transformers_model
@@ -48,12 +47,29 @@ def _write_tokenizer(tmp: Path, tokenizer, tokenizer_dir: str | Path | None) -> 
         copy_tokenizer_files(Path(tokenizer_dir), tmp)
 
 
-def save_transformers_model(model: nn.Module, path: str | Path, max_shard_size: int = DEFAULT_SHARD,
-                            tokenizer=None, tokenizer_dir: str | Path | None = None) -> Path:
+def save_transformers_model(model: nn.Module, path: str | Path, dtype: torch.dtype | None = None,
+                            max_shard_size: int = DEFAULT_SHARD, tokenizer=None,
+                            tokenizer_dir: str | Path | None = None, force: bool = False) -> Path:
     """A transformers model (the fallback for architectures the decoder does not cover) through its own
-    `save_pretrained` (safetensors, its config, tied weights once), written into a temporary folder and renamed."""
+    `save_pretrained` (safetensors, its config, tied weights once), written into a temporary folder and renamed;
+    `dtype`: a cast copy of each tensor (precision-guarded unless force) is written, the model stays as it is."""
+    sd = None
+    if dtype is not None:
+        sd = {}
+        for k, t in model.state_dict().items():
+            if t.is_floating_point() and t.dtype != dtype:
+                if not force:
+                    check_cast(k, t, dtype)
+                t = t.to(dtype)
+            sd[k] = t
+
     def fill(tmp: Path) -> None:
-        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        before = model.config.dtype
+        model.config.dtype = dtype or before
+        try:
+            model.save_pretrained(str(tmp), state_dict=sd, max_shard_size=max_shard_size)
+        finally:
+            model.config.dtype = before
         _write_tokenizer(tmp, tokenizer, tokenizer_dir)
 
     return write_folder_atomically(Path(path), fill)
@@ -80,14 +96,10 @@ def save_model(model, path: str | Path, dtype: str | torch.dtype | None = None,
         force: cast even where the precision guard refuses.
     Raises:
         PrecisionError: a tensor `dtype` cannot hold (unless force).
-        ConfigError: `dtype` with a transformers model (the fallback saves its weights as they are).
     """
     dtype = parse_dtype(dtype)
-    if is_transformers_model(model):
-        if dtype is not None:
-            raise ConfigError(f"saving a {model.config.model_type} model (through transformers) in another dtype is "
-                              "not supported; save it as it is")
-        return save_transformers_model(model, path, max_shard_size, tokenizer, tokenizer_dir)
+    if is_transformers_model(model):  # the fallback: transformers writes its own folder
+        return save_transformers_model(model, path, dtype, max_shard_size, tokenizer, tokenizer_dir, force)
     sd = _cpu_state(model)
     for k, t in sd.items():
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:

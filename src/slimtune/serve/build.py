@@ -87,6 +87,7 @@ def build(opts: ServeOptions) -> Served:
     from slimtune.models import load_model, load_tokenizer
     from slimtune.commands.generate import pick_device
     from slimtune.models.decoder import Decoder
+    from slimtune.models.fallback import require_decoder
 
     if opts.max_batch < 1 or opts.page_size < 1 or opts.max_queue < 1:
         raise ConfigError("--max-batch, --page-size and --max-queue must be >= 1")
@@ -105,6 +106,7 @@ def build(opts: ServeOptions) -> Served:
                         "weights it learned on", name, q, q)
     device = pick_device(opts.device)
     model, cfg = load_model(opts.model, dtype=opts.dtype, device=device, quantize=opts.quantize)
+    require_decoder(model, "serve (its paged KV cache)")
     tokenizer = load_tokenizer(opts.model)
     with torch.device("meta"):
         skeleton = Decoder(cfg)
