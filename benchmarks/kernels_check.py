@@ -23,7 +23,7 @@ from torch import Tensor
 
 from slimtune.train.loss import causal_lm_loss
 from slimtune.models.config import ModelConfig
-from slimtune.models.attention import rope_inv_freq
+from slimtune.models.attention import Rotary
 from slimtune.models.decoder import Block
 from slimtune.kernels.cross_entropy import linear_cross_entropy
 from slimtune import kernels
@@ -264,8 +264,7 @@ def case_block(env: Env, s: dict, T: int) -> list[dict]:
             m.lora_B["default"].weight.normal_(0, 0.02)
         m.set_active(["default"])
         blk.set_submodule(name, m)
-    ang = torch.arange(T, device=env.dev)[:, None].float() * rope_inv_freq(cfg).to(env.dev)
-    cos, sin = (f(torch.cat([ang, ang], -1))[None].to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    cos, sin = Rotary(cfg)(torch.arange(T, device=env.dev)[None], torch.bfloat16)  # (1, T, hd) each
     x = torch.randn(1, T, s["d"], device=env.dev, dtype=torch.bfloat16).requires_grad_()
     params = [x] + [p for p in blk.parameters() if p.requires_grad]
     dy = torch.randn_like(x)

@@ -23,6 +23,25 @@ ARCHS = {
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, use_sliding_window=False)),
     # Qwen3: q/k RMSNorm, explicit head_dim != hidden / heads
     "qwen3": ("Qwen3Config", dict(head_dim=24)),
+    # Gemma 2: sliding layer 0 (window shorter than the test sequence), global layer 1, soft-capping strong enough to
+    # bend the scores, query_pre_attn_scalar != head_dim, tied embeddings; eager attention (transformers' SDPA path
+    # drops the attention soft-cap)
+    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, tie_word_embeddings=True,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                                    attn_implementation="eager")),
+    # Gemma 3 text: q/k norms, sliding layer with its own RoPE base, global layer with linear RoPE scaling
+    "gemma3_text": ("Gemma3TextConfig", dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=8, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}})),
+    # Phi-3 (mini-4k style): fused qkv_proj / gate_up_proj, a sliding window shorter than the test sequence
+    "phi3": ("Phi3Config", dict(sliding_window=10)),
+    # Phi-3 with LongRoPE (mini-128k style) and partial rotary (Phi-4-mini style): 16 tokens use the long factors,
+    # 12 the short ones (original length 12)
+    "phi3_longrope": ("Phi3Config", dict(
+        partial_rotary_factor=0.5, original_max_position_embeddings=12,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 1.9, 2.6], "long_factor": [1.5, 2.8, 4.0, 7.5]})),
 }
 
 
@@ -35,9 +54,10 @@ def make_hf_model(arch: str, seed: int = 0):
                 num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
     base.update(extra)
+    attn = base.pop("attn_implementation", None)
     cfg = getattr(transformers, cls_name)(**base)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=attn)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -80,10 +80,10 @@ def test_truncated_and_missing_shard(tmp_path):
 
 def test_cli_bad_inputs(tmp_path):
     assert_one_line_error(slimtune("generate", "--model", tmp_path / "nope"), "not found")
-    bad = tmp_path / "gpt2"
+    bad = tmp_path / "odd"
     bad.mkdir()
-    (bad / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
-    assert_one_line_error(slimtune("generate", "--model", bad), "gpt2", "llama", "mistral", "qwen2", "qwen3")
+    (bad / "config.json").write_text(json.dumps({"model_type": "notamodel", "vocab_size": 10}))
+    assert_one_line_error(slimtune("generate", "--model", bad), "notamodel", "llama", "mistral", "qwen2", "qwen3")
     assert_one_line_error(slimtune("shapes", "llama9-1t"), "llama9-1t", "llama3-8b", "gpt3-175b")
     notst = tmp_path / "junk"
     save_model(builtin_model(), notst)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from slimtune.errors import SlimtuneError
 from slimtune.models.cache import KVCache
+from slimtune.models.fallback import is_transformers_model
 
 
 @dataclass
@@ -98,13 +99,32 @@ class GraphStep:
         return self.out[:, -1]
 
 
+def longrope_refill_length(cfg, prompt_len: int) -> int | None:
+    """The sequence length at which a LongRoPE model (Phi-3) recomputes its whole KV cache: its original length + 1,
+    where the long factors take over for every position (transformers' Phi3 `prepare_inputs_for_generation` drops
+    the cache there); None for other models or prompts already past it."""
+    rs = cfg.rope_scaling or {}
+    if rs.get("rope_type") != "longrope" or prompt_len > rs["original_max_position_embeddings"]:
+        return None
+    return rs["original_max_position_embeddings"] + 1
+
+
+def _refill(model, cache: KVCache, ids: Tensor, am: Tensor | None) -> Tensor:
+    """Run all of `ids` (B, n) again into `cache` from position 0; the last position's fp32 logits (B, V)."""
+    static, cache.static, cache.pos = cache.static, False, 0
+    try:
+        return model(ids, attention_mask=am, cache=cache)[:, -1].float()
+    finally:
+        cache.static = static
+
+
 @torch.no_grad()
 def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, sc: SamplingConfig | None = None,
              on_tokens: Callable[[Tensor], bool | None] | None = None, cuda_graph: bool | None = None) -> Tensor:
     """Generate up to sc.max_new_tokens after each (left-padded) prompt.
 
     Args:
-        model: a `Decoder`.
+        model: a `Decoder`, or a transformers model (the fallback: `transformers_generate`).
         input_ids: (B, T) prompt ids, left-padded; attention_mask: (B, T), 0 on padding.
         on_tokens: called with each step's new ids (B,); returning True stops generation (stop strings).
         cuda_graph: replay each decode step as a CUDA graph (default: on CUDA).
@@ -113,6 +133,8 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, sc:
     """
     sc = sc or SamplingConfig()
     sc.validate()
+    if is_transformers_model(model):
+        return transformers_generate(model, input_ids, attention_mask, sc, on_tokens)
     cfg = model.config
     stop = torch.tensor(sc.stop_token_ids if sc.stop_token_ids is not None else cfg.eos_ids,
                         dtype=torch.long, device=input_ids.device)
@@ -128,6 +150,7 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, sc:
     slots[:, :T] = am
     next_pos = am.long().sum(1)  # position of the next token in each row (padding not counted)
     seen, out = input_ids, []
+    refill = longrope_refill_length(cfg, T)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for _ in range(sc.max_new_tokens):
         scores = process_logits(logits, seen, sc)
@@ -144,6 +167,12 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, sc:
             break
         if bool(done.all()) or len(out) == sc.max_new_tokens:
             break
+        if seen.shape[1] == refill:  # LongRoPE: from here on every position takes the long factors
+            slots[:, T + len(out) - 1] = 1
+            am = slots[:, :seen.shape[1]].clone()
+            logits = _refill(model, cache, seen, am if padded else None)
+            next_pos += 1
+            continue
         if graph is not None:
             slot = T + len(out) - 1
             slots[:, slot] = 1
@@ -153,6 +182,49 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, sc:
         am = torch.cat([am, am.new_ones(B, 1)], 1)
         logits = model(nxt[:, None], attention_mask=am if padded else None, cache=cache)[:, -1].float()
     return torch.stack(out, 1)
+
+
+def eos_ids(model) -> list[int]:
+    """The model's end-of-sequence ids (slimtune's config, or a transformers model's config)."""
+    e = getattr(model.config, "eos_ids", None)
+    if e is None:
+        e = model.config.eos_token_id
+        e = [] if e is None else [e] if isinstance(e, int) else list(e)
+    return e
+
+
+def transformers_generate(model, input_ids: Tensor, attention_mask: Tensor | None, sc: SamplingConfig,
+                          on_tokens: Callable[[Tensor], bool | None] | None = None) -> Tensor:
+    """`generate` for a transformers model (the fallback): its own `generate` (its cache, the same logit processors),
+    `on_tokens` called at every step as a stopping criterion; rows that stopped are filled with their stop token.
+
+    Returns:
+        (B, n) new ids, n <= max_new_tokens.
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Callback(StoppingCriteria):
+        def __call__(self, ids: Tensor, scores, **kw) -> Tensor:
+            stop = bool(on_tokens(ids[:, -1])) if on_tokens is not None else False
+            return torch.full((ids.shape[0],), stop, dtype=torch.bool, device=ids.device)
+
+    stop_ids = sc.stop_token_ids if sc.stop_token_ids is not None else eos_ids(model)
+    kw = dict(max_new_tokens=sc.max_new_tokens, do_sample=sc.temperature > 0,
+              repetition_penalty=sc.repetition_penalty, eos_token_id=list(stop_ids) or None,
+              pad_token_id=getattr(model.config, "pad_token_id", None) or 0)
+    if sc.temperature > 0:
+        kw.update(temperature=sc.temperature, top_k=sc.top_k or None, top_p=sc.top_p)
+        if sc.seed is not None:
+            torch.manual_seed(sc.seed)
+    T = input_ids.shape[1]
+    out = model.generate(input_ids, attention_mask=attention_mask, stopping_criteria=StoppingCriteriaList([Callback()]),
+                         **kw)[:, T:]
+    if stop_ids and out.numel():  # after a row's first stop token, repeat it (transformers pads there)
+        hit = torch.isin(out, torch.tensor(stop_ids, device=out.device))
+        first = hit.int().argmax(1, keepdim=True)
+        later = (torch.arange(out.shape[1], device=out.device)[None] > first) & hit.any(1, keepdim=True)
+        out = torch.where(later, out.gather(1, first), out)
+    return out
 
 
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -193,12 +265,12 @@ def generate_text(model, tokenizer, prompts: list[str], sc: SamplingConfig | Non
     """
     sc = sc or SamplingConfig()
     ids = encode_prompts(tokenizer, prompts, chat, system)
-    dev = model.model.embed_tokens.weight.device
+    dev = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     T = max(len(x) for x in ids)
     input_ids = torch.tensor([[pad] * (T - len(x)) + x for x in ids], device=dev)
     am = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids], device=dev)
-    stop_ids = sc.stop_token_ids if sc.stop_token_ids is not None else model.config.eos_ids
+    stop_ids = sc.stop_token_ids if sc.stop_token_ids is not None else eos_ids(model)
     stop_ids = [i for i in stop_ids if i is not None]
     texts = [""] * len(prompts)
     hit = [False] * len(prompts)

@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from slimtune.io.hub import resolve
+    from slimtune.models.config import read_config_json
     from slimtune.models.load import load_model
     from slimtune.models.save import save_model
     from slimtune.models.tiny import BUILTIN_NAMES, builtin_tokenizer
@@ -52,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
     merge_and_unload(model)
     dtype = args.dtype
     if dtype == "auto":  # the dtype config.json declares (load_model was told fp32)
-        declared = (cfg.hf or {}).get("dtype") or (cfg.hf or {}).get("torch_dtype") or "float32"
+        hf = getattr(cfg, "hf", None)
+        if hf is None:  # a transformers model (the fallback): its folder's config.json
+            hf = read_config_json(resolve(args.model) / "config.json")
+        declared = hf.get("dtype") or hf.get("torch_dtype") or "float32"
         dtype = getattr(torch, str(declared), torch.float32)
     builtin = str(args.model) in BUILTIN_NAMES
     out = save_model(model, args.out, dtype=dtype, force=args.force,

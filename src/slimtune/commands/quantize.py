@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _export_trained(args: argparse.Namespace) -> int:
     """MODEL + a qat / bitnet adapter -> a quantized checkpoint with the formats the layers trained for."""
+    from slimtune.models.fallback import require_decoder
     from slimtune.models.load import load_model
     from slimtune.models.tokenizer import load_tokenizer
     from slimtune.errors import ConfigError
@@ -77,6 +78,7 @@ def _export_trained(args: argparse.Namespace) -> int:
     if args.format or args.bits:
         raise ConfigError("quantize --adapter: the format is the one the adapter trained for; drop --format / --bits")
     model, _ = load_model(args.model, device=args.device)
+    require_decoder(model, "quantize --adapter")
     name = load_adapter(model, args.adapter)
     method = model_adapters(model)[name].method
     if method not in ("qat", "bitnet"):

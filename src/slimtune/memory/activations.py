@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from slimtune.models.config import ModelConfig
 
-BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                 "gate_up_proj")  # the last two: Phi-3's fused projections
 
 
 @dataclass
@@ -49,15 +50,19 @@ def _dims(cfg: ModelConfig) -> tuple[int, int, int, int, int]:
     return cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, hd
 
 
-def norm_saved(rows: int, dim: int, x_bytes: int, weight_trains: bool, x_grad: bool) -> dict[str, int]:
+def norm_saved(rows: int, dim: int, x_bytes: int, weight_trains: bool, x_grad: bool,
+               offset: bool = False) -> dict[str, int]:
     """RMSNorm y = w * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype): pow and mul keep the fp32 x (rows, dim) and
-    mul keeps 1/rms (rows, 1) when x needs a gradient; w * xn keeps xn (rows, dim) in x's dtype when w trains."""
+    mul keeps 1/rms (rows, 1) when x needs a gradient; w * xn keeps xn (rows, dim) in x's dtype when w trains.
+    Gemma's `offset` form (xn * (1 + w)).to(x.dtype) keeps xn in fp32, and the fp32 (1 + w) (dim,) when x needs one."""
     out = {}
     if x_grad:
         out["norm_x_fp32"] = rows * dim * 4
         out["norm_rsqrt"] = rows * 4
+        if offset:
+            out["norm_one_plus_w"] = dim * 4
     if weight_trains:
-        out["norm_xn"] = rows * dim * x_bytes
+        out["norm_xn"] = rows * dim * (4 if offset else x_bytes)
     return out
 
 
@@ -96,7 +101,7 @@ def block_saved(cfg: ModelConfig, batch: int, seq: int, r: Regime, x_grad: bool 
 
     x_grad: whether the block input needs a gradient (False for the first block when the embedding is frozen).
     """
-    if r.kernels and not r.trainable and r.lora_dropout == 0:
+    if r.kernels and not r.trainable and r.lora_dropout == 0 and kernels_modelled(cfg):
         return block_saved_kernels(cfg, batch, seq, r, x_grad)
     d, f, qd, kvd, hd = _dims(cfg)
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -108,46 +113,76 @@ def block_saved(cfg: ModelConfig, batch: int, seq: int, r: Regime, x_grad: bool 
             s[key] = s.get(key, 0) + v
 
     # attention half: x -> input_layernorm -> q/k/v -> (qk_norm) -> RoPE -> SDPA -> o_proj
-    for k, v in norm_saved(N, d, r.resid, r.norms, x_grad).items():
+    off = cfg.norm_offset
+    for k, v in norm_saved(N, d, r.resid, r.norms, x_grad, off).items():
         add("attn_" + k, v)
     h_grad = x_grad or r.norms
-    add("qkv_input", _linear_inputs(("q_proj", "k_proj", "v_proj"), N, d, r.norm_out, r, x_grad=h_grad))
-    for n, out in (("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd), ("o_proj", d)):
+    qkv = ("qkv_proj",) if cfg.fused_proj else ("q_proj", "k_proj", "v_proj")
+    add("qkv_input", _linear_inputs(qkv, N, d, r.norm_out, r, x_grad=h_grad))
+    for n in qkv + ("o_proj",):
         if n in r.adapters:  # lora_B keeps A's output (N, rank)
             add("lora_hidden", N * r.adapters[n] * (c if r.autocast else r.adapter))
-    qkv_grad = h_grad or any(r.saves_input(n) for n in ("q_proj", "k_proj", "v_proj"))
+    qkv_grad = h_grad or any(r.saves_input(n) for n in qkv)
     if cfg.qk_norm and qkv_grad:  # per-head RMSNorm over hd of q (N*nh rows) and k (N*nkv rows), input in `c`
-        for k, v in {**norm_saved(N * nh, hd, c, r.norms, True)}.items():
+        for k, v in {**norm_saved(N * nh, hd, c, r.norms, True, off)}.items():
             add("qk_" + k, v)
-        for k, v in norm_saved(N * nkv, hd, c, r.norms, True).items():
+        for k, v in norm_saved(N * nkv, hd, c, r.norms, True, off).items():
             add("qk_" + k, v)
     # RoPE: q*cos and rotate_half(q)*sin keep only cos/sin (shared by all layers, counted in shared_saved)
-    if qkv_grad:
+    if cfg.attn_softcap:  # Gemma 2: models.attention.softcapped_attention, always the math path
+        grads = [h_grad or any(r.saves_input(n) for n in (p, "qkv_proj")) for p in ("q_proj", "k_proj", "v_proj")]
+        for k, v in softcap_saved(batch, nh, seq, N * qd, c, *grads).items():
+            add(k, v)
+    elif qkv_grad:
+        if cfg.sliding_window and seq > cfg.sliding_window and not cfg.layer_types:  # SDPA keeps its mask as a bias
+            add("sdpa_mask", batch * seq * seq * c)
         if r.attention == "math":  # q @ k^T (k expanded to nh heads), softmax keeps (B, nh, T, T), @ v keeps both
             add("sdpa_qkv", N * (qd + qd + qd) * c)
             add("sdpa_probs", batch * nh * seq * seq * c)
         else:
-            add("sdpa_qkv", N * (qd + 2 * kvd) * c)
+            # fused qkv_proj (Phi-3): v is a view of the whole (N, q + 2 kv) output, which stays alive with it
+            add("sdpa_qkv", N * (qd + 2 * kvd + (qd + kvd if cfg.fused_proj else 0)) * c)
             lse_t = seq if r.attention == "flash" else -(-seq // 32) * 32
             add("sdpa_logsumexp", batch * nh * lse_t * 4)
         add("sdpa_out", N * qd * c)  # also o_proj's input (same storage)
-    add("o_input", _linear_inputs(("o_proj",), N, qd, c, r, x_counted=qkv_grad))
+    add("o_input", _linear_inputs(("o_proj",), N, qd, c, r, x_counted=qkv_grad and not cfg.attn_softcap))
     # MLP half: x1 -> post_attention_layernorm -> gate/up -> act -> * -> down
-    x1_grad = qkv_grad or any(r.saves_input(n) for n in BLOCK_LINEARS[:4])
-    for k, v in norm_saved(N, d, r.resid, r.norms, x1_grad).items():
+    x1_grad = qkv_grad or any(r.saves_input(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"))
+    for k, v in norm_saved(N, d, r.resid, r.norms, x1_grad, off).items():
         add("mlp_" + k, v)
     if cfg.mlp_gated:
-        add("gate_up_input", _linear_inputs(("gate_proj", "up_proj"), N, d, r.norm_out, r))
+        gate_up = ("gate_up_proj",) if cfg.fused_proj else ("gate_proj", "up_proj")
+        add("gate_up_input", _linear_inputs(gate_up, N, d, r.norm_out, r))
         add("act_input", N * f * c)  # silu keeps gate's output
         add("act_out_and_up", 2 * N * f * c)  # act(g) * u keeps both factors
     else:
         add("gate_up_input", _linear_inputs(("up_proj",), N, d, r.norm_out, r))
         add("act_input", N * f * c)
-    for n in ("gate_proj", "up_proj", "down_proj"):
+    for n in ("gate_proj", "up_proj", "gate_up_proj", "down_proj"):
         if n in r.adapters:
             add("lora_hidden", N * r.adapters[n] * (c if r.autocast else r.adapter))
     add("down_input", _linear_inputs(("down_proj",), N, f, c, r))
+    if cfg.sandwich_norm:  # Gemma: the attention's and the MLP's outputs (in `c`) are normed too
+        for k, v in norm_saved(N, d, c, r.norms, True, off).items():
+            add("post_" + k, 2 * v)
     return s
+
+
+def softcap_saved(batch: int, nh: int, seq: int, q_el: int, c: int, q_grad: bool, k_grad: bool,
+                  v_grad: bool) -> dict[str, int]:
+    """Saved by one layer's soft-capped math attention (`models.attention.softcapped_attention`), q_el = N * nh * hd:
+    q @ k^T keeps q when k needs a gradient and the head-expanded k when q does; then, when the scores need one,
+    tanh's output, the mask (bool) and the fp32 probabilities; p @ v keeps the expanded v when p needs a gradient
+    and p (the fp32 probabilities, or their cast to `c`) when v does."""
+    probs, scores = batch * nh * seq * seq, q_grad or k_grad
+    out = {"sdpa_q": q_el * c if k_grad else 0, "sdpa_k_expanded": q_el * c if q_grad else 0}
+    if scores:
+        out.update(softcap_tanh=probs * c, softcap_mask=seq * seq, sdpa_v_expanded=q_el * c)
+    if scores or (v_grad and c == 4):
+        out["sdpa_probs"] = probs * 4
+    if v_grad and c != 4:
+        out["sdpa_probs_cast"] = probs * c
+    return out
 
 
 def shared_saved(cfg: ModelConfig, batch: int, seq: int, r: Regime) -> dict[str, int]:
@@ -163,13 +198,15 @@ def head_saved(cfg: ModelConfig, batch: int, seq: int, r: Regime, chunked: bool 
     With the kernels: x and 1/rms. With the chunked loss the head is not an autograd op (its gradients are formed in
     the loss's forward: `estimate` counts them there)."""
     N, d = batch * seq, cfg.hidden_size
-    if r.kernels:
+    if r.kernels and not cfg.norm_offset:
         s = {"final_norm_x": N * d * r.resid, "final_norm_rstd": N * 4}
     else:
-        s = {"final_" + k: v for k, v in norm_saved(N, d, r.resid, r.norms, True).items()}
+        s = {"final_" + k: v for k, v in norm_saved(N, d, r.resid, r.norms, True, cfg.norm_offset).items()}
     if r.head and not chunked:
         cast = r.autocast and r.norm_out != r.compute
         s["head_input"] = N * d * (r.compute if cast else r.norm_out)
+    if cfg.final_softcap:  # tanh keeps its output, the logits' size
+        s["final_softcap"] = N * cfg.vocab_size * r.compute
     return s
 
 
@@ -186,9 +223,15 @@ def block_backward_transient(cfg: ModelConfig, batch: int, seq: int, r: Regime) 
     attn = N * (qd + 2 * kvd) * c + N * qd * 4
     if cfg.num_key_value_heads != cfg.num_attention_heads:
         attn += 2 * N * qd * c
-    if r.attention == "math":
+    if r.attention == "math" or cfg.attn_softcap:  # soft-capped attention always runs the math path
         attn += 2 * batch * cfg.num_attention_heads * seq * seq * c
     return max(mlp, attn) + N * d * c
+
+
+def kernels_modelled(cfg: ModelConfig) -> bool:
+    """Whether `block_saved_kernels` describes these blocks (plain RMSNorm, separate projections, SwiGLU: Llama,
+    Mistral, Qwen); Gemma's and Phi-3's keep the generic rules there (counted for the PyTorch path)."""
+    return not (cfg.norm_offset or cfg.sandwich_norm or cfg.attn_softcap or cfg.fused_proj) and cfg.hidden_act == "silu"
 
 
 def block_saved_kernels(cfg: ModelConfig, batch: int, seq: int, r: Regime, x_grad: bool = True) -> dict[str, int]:

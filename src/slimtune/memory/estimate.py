@@ -86,6 +86,8 @@ class EstimateInput:
         for name, v in (("batch", self.batch), ("seq", self.seq)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.cfg.final_softcap:  # training never chunks a soft-capped head (train.loss.chunkable_head)
+            self.chunked_loss = False
 
 
 @dataclass

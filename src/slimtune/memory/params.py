@@ -32,17 +32,25 @@ def param_table(cfg: ModelConfig) -> list[Param]:
     ps = [Param("model.embed_tokens.weight", (cfg.vocab_size, d), "embed")]
     if cfg.learned_positions:
         ps.append(Param("model.embed_positions.weight", (cfg.max_position_embeddings, d), "embed"))
-    lin = [("self_attn", "q_proj", qd, d, cfg.qkv_bias), ("self_attn", "k_proj", kvd, d, cfg.qkv_bias),
-           ("self_attn", "v_proj", kvd, d, cfg.qkv_bias), ("self_attn", "o_proj", d, qd, cfg.o_bias)]
-    if cfg.mlp_gated:
-        lin.append(("mlp", "gate_proj", f, d, cfg.mlp_bias))
-    lin += [("mlp", "up_proj", f, d, cfg.mlp_bias), ("mlp", "down_proj", d, f, cfg.mlp_bias)]
-    norm_shapes = [(d,), (d,)] if cfg.norm_type == "rms" else [(d,), (d,), (d,), (d,)]
+    if cfg.fused_proj:  # Phi-3: one qkv_proj, one gate_up_proj
+        lin = [("self_attn", "qkv_proj", qd + 2 * kvd, d, cfg.qkv_bias), ("self_attn", "o_proj", d, qd, cfg.o_bias),
+               ("mlp", "gate_up_proj", 2 * f, d, cfg.mlp_bias)]
+    else:
+        lin = [("self_attn", "q_proj", qd, d, cfg.qkv_bias), ("self_attn", "k_proj", kvd, d, cfg.qkv_bias),
+               ("self_attn", "v_proj", kvd, d, cfg.qkv_bias), ("self_attn", "o_proj", d, qd, cfg.o_bias)]
+        if cfg.mlp_gated:
+            lin.append(("mlp", "gate_proj", f, d, cfg.mlp_bias))
+        lin.append(("mlp", "up_proj", f, d, cfg.mlp_bias))
+    lin.append(("mlp", "down_proj", d, f, cfg.mlp_bias))
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if cfg.sandwich_norm:  # Gemma 2 / 3
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    leaves = ["weight"] if cfg.norm_type == "rms" else ["weight", "bias"]
     for i in range(cfg.num_hidden_layers):
         pre = f"model.layers.{i}."
-        for j, shape in enumerate(norm_shapes):
-            which = "input_layernorm" if j % 2 == 0 else "post_attention_layernorm"
-            ps.append(Param(f"{pre}{which}.{'weight' if j < 2 else 'bias'}", shape, "norm", i))
+        for leaf in leaves:
+            for which in norms:
+                ps.append(Param(f"{pre}{which}.{leaf}", (d,), "norm", i))
         for sub, n, out_f, in_f, bias in lin:
             ps.append(Param(f"{pre}{sub}.{n}.weight", (out_f, in_f), "linear", i, n))
             if bias:

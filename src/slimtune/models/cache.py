@@ -36,3 +36,8 @@ class KVCache:
         self.k[layer][:, :, self.pos:self.pos + T] = k
         self.v[layer][:, :, self.pos:self.pos + T] = v
         return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
+
+    def window_mask(self, position_ids: Tensor, window: int) -> Tensor:
+        """Static mode: (1, 1, 1, max_len), True for the slots within `window` cache positions of the slot being
+        written (`index`), as a sliding layer sees (the caller's mask removes slots not filled yet)."""
+        return (torch.arange(self.max_len, device=self.index.device) > self.index - window)[None, None, None, :]

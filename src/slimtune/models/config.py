@@ -1,8 +1,8 @@
 """One flat config for every supported decoder, read from and written to a Hugging Face `config.json`.
 
 Architectures differ only in fields: q/k/v biases (Qwen2), q/k RMSNorm (Qwen3), sliding window (Mistral), llama3 RoPE
-scaling (Llama 3.1+). The GPT-style fields (LayerNorm, plain GELU MLP, learned positions) exist so that shapes such as
-GPT-3 175B can be built on the meta device and counted.
+scaling (Llama 3.1+); Gemma 2 / 3 and Phi-3 add theirs (read and written in `families.py`). The GPT-style fields
+(LayerNorm, plain GELU MLP, learned positions) exist so that shapes such as GPT-3 175B can be built and counted.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from slimtune.errors import CheckpointError
+from slimtune.models.families import WINDOWED, family_fields, family_hf, normalize_rope, with_defaults
 from slimtune.precision.formats import DTYPES, FLOAT_NAMES, short_name
 
 # model_type -> the transformers class name written in `architectures`
@@ -23,8 +24,13 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names of the attention kinds
+O_BIAS = ("llama", "qwen3", "gemma2", "gemma3_text")  # attention_bias covers o_proj too
 
 
 @dataclass
@@ -51,6 +57,18 @@ class ModelConfig:
     mlp_gated: bool = True  # SwiGLU (gate, up, down); False: up -> act -> down (GPT)
     norm_type: str = "rms"  # "rms" or "layer" (LayerNorm with bias, GPT)
     learned_positions: bool = False  # GPT's absolute position table instead of RoPE
+    # Gemma 2 / 3
+    norm_offset: bool = False  # RMSNorm scales by (1 + w), in fp32, before the cast back
+    sandwich_norm: bool = False  # 4 norms a block: before and after attention, before and after the MLP
+    embed_scale: bool = False  # token embeddings times sqrt(hidden_size) (rounded to the weights' dtype)
+    query_pre_attn_scalar: float | None = None  # scores scaled by this ** -0.5 instead of head_dim ** -0.5
+    attn_softcap: float | None = None  # scores -> c * tanh(scores / c) before the softmax
+    final_softcap: float | None = None  # logits -> c * tanh(logits / c)
+    layer_types: list[str] | None = None  # per layer, one of LAYER_TYPES; None: every layer sliding if a window
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3), unscaled
+    # Phi-3
+    fused_proj: bool = False  # qkv_proj and gate_up_proj: q, k, v (and gate, up) as one linear each
+    partial_rotary_factor: float = 1.0  # RoPE turns the first int(head_dim * factor) features only
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -68,6 +86,24 @@ class ModelConfig:
         rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
         if rope_type not in ROPE_TYPES:
             raise CheckpointError(f"RoPE scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        if self.layer_types is not None:
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            if bad or len(self.layer_types) != self.num_hidden_layers:
+                raise CheckpointError(f"layer_types must name {self.num_hidden_layers} layers, each one of "
+                                      f"{', '.join(LAYER_TYPES)}; got {self.layer_types}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise CheckpointError("layer_types has sliding_attention layers but sliding_window is not set")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The number of features of each head that RoPE turns (the first ones; Phi-3's partial rotary)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def layer_type(self, i: int) -> str:
+        """'sliding_attention' or 'full_attention' for layer i."""
+        if self.layer_types is not None:
+            return self.layer_types[i]
+        return "sliding_attention" if self.sliding_window else "full_attention"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -95,16 +131,16 @@ class ModelConfig:
         if mt not in ARCHITECTURES:
             raise CheckpointError(f"{source}: model_type {mt!r} is not supported; supported architectures: "
                                   f"{', '.join(ARCHITECTURES)} ({', '.join(ARCHITECTURES.values())})")
+        d = with_defaults(mt, d)
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope = dict(rope.get("full_attention") or {}) if "full_attention" in rope else rope  # per layer type (5.x)
         theta = rope.pop("rope_theta", None) or d.get("rope_theta", 10000.0)
-        if "type" in rope and "rope_type" not in rope:
-            rope["rope_type"] = rope.pop("type")
-        if rope.get("rope_type", "default") == "default":
-            rope = {}
+        rope = normalize_rope(rope, d)
         attn_bias = bool(d.get("attention_bias", False))
-        window = d.get("sliding_window") if (mt == "mistral" or d.get("use_sliding_window")) else None
+        window = d.get("sliding_window") if (mt in WINDOWED or d.get("use_sliding_window")) else None
         dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
         try:
+            extra = family_fields(mt, d, source)
             return cls(
                 vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
                 num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
@@ -112,25 +148,18 @@ class ModelConfig:
                 rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=rope or None,
                 max_position_embeddings=d.get("max_position_embeddings", 4096),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                qkv_bias=True if mt == "qwen2" else attn_bias, o_bias=attn_bias if mt in ("llama", "qwen3") else False,
-                mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=(mt == "qwen3"), sliding_window=window,
-                hidden_act=d.get("hidden_act", "silu"), bos_token_id=d.get("bos_token_id"),
+                qkv_bias=True if mt == "qwen2" else attn_bias, o_bias=attn_bias if mt in O_BIAS else False,
+                mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=mt in ("qwen3", "gemma3_text"),
+                sliding_window=window, hidden_act=d.get("hidden_activation") or d.get("hidden_act", "silu"),
+                bos_token_id=d.get("bos_token_id"),
                 eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
-                dtype=dtype if isinstance(dtype, str) else "float32", hf=dict(d))
+                dtype=dtype if isinstance(dtype, str) else "float32", hf=dict(d), **extra)
         except KeyError as e:
             raise CheckpointError(f"{source}: required key {e.args[0]!r} is missing") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: config.json not found; a Hugging Face model folder holds config.json "
-                                  "and *.safetensors") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        return cls.from_hf(d, source=str(path))
+        return cls.from_hf(read_config_json(path), source=str(path))
 
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` dict that transformers (4.x and 5.x) loads: the original keys, updated with ours."""
@@ -151,7 +180,27 @@ class ModelConfig:
             d["attention_bias"] = self.qkv_bias
         if self.model_type == "llama":
             d["mlp_bias"] = self.mlp_bias
-        if self.model_type == "mistral":
+        if self.model_type in WINDOWED:
             d["sliding_window"] = self.sliding_window
+        d.update(family_hf(self))
         d.pop("dtype", None)
         return d
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The dict of a config.json file.
+
+    Raises:
+        CheckpointError: no such file, or not a JSON object.
+    """
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: config.json not found; a Hugging Face model folder holds config.json "
+                              "and *.safetensors") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return d

@@ -1,4 +1,5 @@
-"""The decoder: one readable Llama-family transformer (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) driven by `ModelConfig`.
+"""The decoder: one readable transformer for Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3,
+driven by `ModelConfig`.
 
 Module names follow the Hugging Face layout (`model.layers.N.self_attn.q_proj` ...) so that state dicts and adapters
 are interchangeable with transformers and PEFT. Attention lives in `attention.py`, norms and the MLP in `layers.py`,
@@ -9,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from slimtune.models.attention import Attention, rope_inv_freq
+from slimtune.models.attention import Attention, Rotary
 from slimtune.models.cache import KVCache
 from slimtune.models.config import ModelConfig
-from slimtune.models.layers import MLP, make_norm
+from slimtune.models.layers import MLP, ScaledEmbedding, make_norm
 from slimtune.models.recompute import HostPool, run_blocks
 
 
@@ -36,18 +37,37 @@ class CausalLMOutput(Tensor):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). With `sandwich_norm` (Gemma 2 / 3) the
+    outputs are normed too: x + post_attention_layernorm(attn(input_layernorm(x))), then
+    x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x))).
+
+    cos, sin and mask are tensors, or dicts by attention kind ('sliding_attention' / 'full_attention') when the
+    layers differ; the block takes its own kind's.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = make_norm(cfg, cfg.hidden_size)
+        d = cfg.hidden_size
+        self.kind = cfg.layer_type(layer_idx)
+        self.input_layernorm = make_norm(cfg, d)
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.post_attention_layernorm = make_norm(cfg, d)
+        if cfg.sandwich_norm:
+            self.pre_feedforward_layernorm = make_norm(cfg, d)
+            self.post_feedforward_layernorm = make_norm(cfg, d)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, mask: Tensor | None,
+    def forward(self, x: Tensor, cos: Tensor | dict | None, sin: Tensor | dict | None, mask: Tensor | dict | None,
                 cache: "KVCache | None" = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if isinstance(cos, dict):
+            cos, sin = cos[self.kind], sin[self.kind]
+        if isinstance(mask, dict):
+            mask = mask[self.kind]
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if hasattr(self, "pre_feedforward_layernorm"):
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -59,10 +79,11 @@ class Backbone(nn.Module):
         # on the meta device, skip nn.Embedding's normal_ init: its meta kernel imports torch._dynamo (2-4 s)
         meta = torch.empty(0).is_meta
 
-        def embedding(n: int, d: int) -> nn.Embedding:
-            return nn.Embedding(n, d, _weight=torch.empty(n, d) if meta else None)
+        def embedding(n: int, d: int, cls=nn.Embedding) -> nn.Embedding:
+            return cls(n, d, _weight=torch.empty(n, d) if meta else None)
 
-        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, ScaledEmbedding if cfg.embed_scale else
+                                      nn.Embedding)
         if cfg.learned_positions:
             self.embed_positions = embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
@@ -85,28 +106,32 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.grad_ckpt: bool | str = False
         self._host_pool = HostPool()  # pinned buffers of offloaded block inputs, reused across steps
-        self._inv_freq = {"cpu": rope_inv_freq(cfg)} if not cfg.learned_positions else {}
+        self.kinds = sorted({cfg.layer_type(i) for i in range(cfg.num_hidden_layers)})
+        self._rotary = {}  # attention kind -> its RoPE (Gemma 3's sliding layers have their own base)
+        if not cfg.learned_positions:
+            full = Rotary(cfg)
+            local = cfg.rope_local_theta is not None
+            self._rotary = {k: Rotary(cfg, local=True) if local and k == "sliding_attention" else full
+                            for k in self.kinds}
 
     # ---- positions and masks ------------------------------------------------------------------------------------
-    def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin of shape (B, T, hd) for integer positions (B, T); angles computed in fp32 as transformers."""
-        dev = position_ids.device
-        inv = self._inv_freq.get(str(dev))
-        if inv is None:
-            inv = self._inv_freq[str(dev)] = self._inv_freq["cpu"].to(dev)
-        ang = position_ids[..., None].float() * inv  # (B, T, hd/2)
-        emb = torch.cat([ang, ang], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+    def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor | dict, Tensor | dict]:
+        """cos, sin of shape (B, T, rotary_dim) for integer positions (B, T), angles in fp32 as transformers; dicts
+        by attention kind when the kinds' RoPE differ (Gemma 3)."""
+        if len({id(r) for r in self._rotary.values()}) == 1:
+            return self._rotary[self.kinds[0]](position_ids, dtype)
+        both = {k: r(position_ids, dtype) for k, r in self._rotary.items()}
+        return {k: cs[0] for k, cs in both.items()}, {k: cs[1] for k, cs in both.items()}
 
     def build_mask(self, B: int, T: int, past: int, device: torch.device, attention_mask: Tensor | None,
-                   seq_ids: Tensor | None) -> Tensor | None:
+                   seq_ids: Tensor | None, window: int | None = None) -> Tensor | None:
         """Boolean (B, 1, T, past+T) mask, True = may attend; None when plain causal attention is exact.
 
         attention_mask: (B, past+T) with 0 on padding keys. seq_ids: (B, T) example index within a packed row
-        (no attention across examples). The diagonal stays visible so that padding queries never see an empty row
+        (no attention across examples). window: a sliding layer's window (keys within the last `window` cache
+        positions, as transformers). The diagonal stays visible so that padding queries never see an empty row
         (whose softmax would be NaN).
         """
-        window = self.config.sliding_window
         S = past + T
         need_window = window is not None and S > window
         if attention_mask is None and seq_ids is None and not need_window and (past == 0 or T == 1):
@@ -123,6 +148,20 @@ class Decoder(nn.Module):
             m = m & (seq_ids[:, :, None] == seq_ids[:, None, :])
         m = m | (kpos == qpos)[None]
         return m[:, None]
+
+    def masks(self, B: int, T: int, past: int, device: torch.device, attention_mask: Tensor | None,
+              seq_ids: Tensor | None, position_ids: Tensor, cache: "KVCache | None") -> Tensor | dict | None:
+        """The mask of each attention kind (a dict when the layers differ, else the one mask). With a static cache
+        the caller's (B, max_len) mask of filled slots, narrowed to the window by the cache for sliding layers."""
+        out = {}
+        for kind in self.kinds:
+            window = self.config.sliding_window if kind == "sliding_attention" else None
+            if cache is not None and cache.static:
+                m = attention_mask[:, None, None, :].bool()  # (B, 1, 1, max_len)
+                out[kind] = m & cache.window_mask(position_ids, window) if window else m
+            else:
+                out[kind] = self.build_mask(B, T, past, device, attention_mask, seq_ids, window)
+        return out if len(out) > 1 else out[self.kinds[0]]
 
     # ---- forward ---------------------------------------------------------------------------------------------------
     def hidden_states(self, input_ids: Tensor | None = None, *, inputs_embeds: Tensor | None = None,
@@ -145,10 +184,7 @@ class Decoder(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:past + T]
             else:
                 position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
-        if cache is not None and cache.static:
-            mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, max_len): the caller marks filled slots
-        else:
-            mask = self.build_mask(B, T, past, x.device, attention_mask, seq_ids)
+        mask = self.masks(B, T, past, x.device, attention_mask, seq_ids, position_ids, cache)
         cos = sin = None
         if self.config.learned_positions:
             x = x + self.model.embed_positions(position_ids)
@@ -160,13 +196,19 @@ class Decoder(nn.Module):
             cache.pos += T
         return self.model.norm(x)
 
+    def logits(self, h: Tensor) -> Tensor:
+        """lm_head(h) (..., vocab), soft-capped to c * tanh(logits / c) where the config says (Gemma 2)."""
+        y = self.lm_head(h)
+        c = self.config.final_softcap
+        return y if c is None else torch.tanh(y / c) * c
+
     def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None, **kw) -> CausalLMOutput:
         """Logits (B, T, vocab) as a `CausalLMOutput`; keyword arguments as `hidden_states`.
 
         labels: (B, T), -100 where not trained: `.loss` is then the mean cross-entropy of logits[:, t] against
         labels[:, t + 1] (transformers' causal-LM loss, `slimtune.train.loss.mean_lm_loss`).
         """
-        out = self.lm_head(self.hidden_states(input_ids, **kw)).as_subclass(CausalLMOutput)
+        out = self.logits(self.hidden_states(input_ids, **kw)).as_subclass(CausalLMOutput)
         if labels is not None:
             from slimtune.train.loss import mean_lm_loss
 
@@ -182,7 +224,7 @@ def init_weights(model: Decoder, seed: int, std: float = 0.02) -> Decoder:
             if name.endswith("bias"):
                 p.zero_()
             elif "norm" in name:
-                p.fill_(1.0)
+                p.fill_(0.0 if model.config.norm_offset else 1.0)  # unit scale: w = 1, or 1 + w with w = 0
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model

@@ -1,6 +1,7 @@
-"""The decoder's non-attention layers: RMSNorm (or LayerNorm for GPT shapes) and the MLP (SwiGLU or plain). On CUDA
+"""The decoder's non-attention layers: RMSNorm (Gemma's (1 + w) form too; LayerNorm for GPT shapes), the token
+embedding (scaled by sqrt(d) for Gemma) and the MLP (SwiGLU / GeGLU, Phi-3's fused gate_up_proj, or plain). On CUDA
 RMSNorm and SwiGLU run as fused kernels and gate / up as one fused projection (`slimtune.kernels`, whose files hold
-the PyTorch reference of each, which runs elsewhere)."""
+the PyTorch reference of each, which runs elsewhere); Gemma's offset norm and GeGLU run in PyTorch."""
 from __future__ import annotations
 
 import torch
@@ -17,37 +18,64 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, a
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), the statistic in fp32, the product in the input dtype (as transformers)."""
+    """y = w * x / sqrt(mean(x^2) + eps), the statistic in fp32, the product in the input dtype (as transformers).
 
-    def __init__(self, dim: int, eps: float) -> None:
+    offset (Gemma): y = (x / rms(x)) * (1 + w) with the product in fp32 too, then cast (transformers' Gemma2RMSNorm:
+    "Llama does x.to(float16) * w whilst Gemma2 is (x * w).to(float16)"); w starts at 0 there.
+    """
+
+    def __init__(self, dim: int, eps: float, offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        if not self.offset:
+            return rms_norm(x, self.weight, self.eps)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    return RMSNorm(dim, cfg.rms_norm_eps) if cfg.norm_type == "rms" else nn.LayerNorm(dim, eps=cfg.rms_norm_eps)
+    """The config's norm over `dim` features: RMSNorm (with Gemma's offset if set) or LayerNorm (GPT shapes)."""
+    if cfg.norm_type == "rms":
+        return RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_offset)
+    return nn.LayerNorm(dim, eps=cfg.rms_norm_eps)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's token embedding: E[ids] * sqrt(d), the factor rounded to the weights' dtype first (in bf16
+    sqrt(3072) = 55.4256 becomes 55.5, as transformers' Gemma2TextScaledWordEmbedding). `inputs_embeds` given to the
+    decoder skip it, as in transformers."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        scale = float(torch.tensor(self.embedding_dim ** 0.5).to(self.weight.dtype))  # fp32, then the dtype's
+        return super().forward(ids) * scale
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(act(gate(x)) * up(x)); or, ungated (GPT), down(act(up(x)))."""
+    """Gated: down(act(gate(x)) * up(x)) (SwiGLU with silu, GeGLU with gelu_pytorch_tanh); `fused_proj` (Phi-3): one
+    gate_up_proj whose output's first half is the gate, second half the up projection; ungated (GPT): down(act(up(x)))."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        if cfg.mlp_gated:
-            self.gate_proj = nn.Linear(d, f, bias=b)
-        self.up_proj = nn.Linear(d, f, bias=b)
+        if cfg.fused_proj:
+            self.gate_up_proj = nn.Linear(d, 2 * f, bias=b)
+        else:
+            if cfg.mlp_gated:
+                self.gate_proj = nn.Linear(d, f, bias=b)
+            self.up_proj = nn.Linear(d, f, bias=b)
         self.down_proj = nn.Linear(f, d, bias=b)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
-        if hasattr(self, "gate_proj"):
+        if hasattr(self, "gate_up_proj"):
+            gate, up = project(x, [self.gate_up_proj])[0].chunk(2, dim=-1)  # (..., f) each
+        elif hasattr(self, "gate_proj"):
             gate, up = project(x, [self.gate_proj, self.up_proj])  # (..., f) each
-            h = swiglu(gate, up) if self.act is F.silu else self.act(gate) * up
         else:
-            h = self.act(self.up_proj(x))
+            return project(self.act(self.up_proj(x)), [self.down_proj])[0]
+        h = swiglu(gate, up) if self.act is F.silu else self.act(gate) * up
         return project(h, [self.down_proj])[0]

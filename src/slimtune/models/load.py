@@ -13,7 +13,7 @@ from torch import Tensor
 from slimtune.errors import CheckpointError, ConfigError
 from slimtune.io.hub import resolve
 from slimtune.io.safetensors import iter_tensors
-from slimtune.models.config import ModelConfig
+from slimtune.models.config import ARCHITECTURES, ModelConfig, read_config_json
 from slimtune.models.decoder import Decoder
 from slimtune.models.tiny import BUILTIN_NAMES, builtin_model
 from slimtune.precision.formats import dtype_name, parse_dtype
@@ -29,7 +29,8 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carr
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                force: bool = False, quantize: str | None = None, group_size: int | None = None,
                double_quant: bool | None = None, quant_skip: tuple[str, ...] = ("lm_head",)):
-    """Load a Hugging Face checkpoint folder (or 'builtin') into a `Decoder`.
+    """Load a Hugging Face checkpoint folder (or 'builtin') into a `Decoder`; an architecture the decoder does not
+    cover loads through transformers' own implementation (`models.fallback.load_hf_fallback`).
 
     Args:
         path: a folder with config.json and safetensors, a hub id, or 'builtin' (the tiny built-in model).
@@ -40,22 +41,21 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
             is quantized on `device` as soon as it is read, so the 16-bit model is never in memory at once (peak:
             the quantized model plus one 16-bit tensor). double_quant defaults to True for nf4/fp4.
     Returns:
-        (model, config), the model in eval mode.
+        (model, config), the model in eval mode (for the fallback: the transformers model and its config).
     Raises:
         CheckpointError: missing folder or shard, truncated file, unsupported architecture, name/shape mismatch.
         PrecisionError: a tensor that the requested dtype cannot hold (unless force).
     """
     dtype = parse_dtype(dtype)
     if str(path) in BUILTIN_NAMES:
-        model = builtin_model(0)
-        if dtype is not None:
-            model.config.dtype = dtype_name(dtype)
-        model = model.to(device=device, dtype=dtype).eval()
-        if quantize:
-            quantize_model(model, quantize, group_size, double_quant, skip=quant_skip)
-        return model, model.config
+        return _builtin(dtype, device, quantize, group_size, double_quant, quant_skip)
     folder = resolve(path)
-    cfg = ModelConfig.from_file(folder / "config.json")
+    d = read_config_json(folder / "config.json")
+    if d.get("model_type") not in ARCHITECTURES:  # any other causal LM: transformers' own implementation
+        from slimtune.models.fallback import load_hf_fallback
+
+        return load_hf_fallback(folder, d, dtype, device, force, quantize, group_size, double_quant, quant_skip)
+    cfg = ModelConfig.from_hf(d, source=str(folder / "config.json"))
     qc = cfg.hf.get("quantization_config")
     if isinstance(qc, dict) and qc.get("quant_method") in ("slimtune", BNB_METHOD):  # `slimtune quantize`, bnb
         return load_quantized(folder, cfg, dtype, device, force)
@@ -117,6 +117,17 @@ def _quantized_layers(folder: Path, qc: dict) -> dict[str, tuple[str, int | None
                               "slimtune quantize")
     return {n: (fmt, qc.get("group_size") if get_codec(fmt).default_group else None,
                 bool(qc.get("double_quant")) and fmt in FORMATS_4BIT) for n, fmt in layers.items()}
+
+
+def _builtin(dtype: torch.dtype | None, device, quantize: str | None, group_size: int | None,
+             double_quant: bool | None, quant_skip: tuple[str, ...]):
+    model = builtin_model(0)
+    if dtype is not None:
+        model.config.dtype = dtype_name(dtype)
+    model = model.to(device=device, dtype=dtype).eval()
+    if quantize:
+        quantize_model(model, quantize, group_size, double_quant, skip=quant_skip)
+    return model, model.config
 
 
 def load_quantized(folder: Path, cfg, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from slimtune.io.folders import write_folder_atomically
 from slimtune.io.safetensors import DEFAULT_SHARD, save_state_dict
+from slimtune.models.fallback import is_transformers_model
 from slimtune.precision.formats import dtype_name, parse_dtype
 from slimtune.precision.guard import check_cast
 
@@ -34,10 +35,42 @@ def write_model_folder(path: str | Path, hf: dict[str, Any], sd: dict[str, Tenso
     def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         save_state_dict(sd, tmp, max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        elif tokenizer_dir is not None:
-            copy_tokenizer_files(Path(tokenizer_dir), tmp)
+        _write_tokenizer(tmp, tokenizer, tokenizer_dir)
+
+    return write_folder_atomically(Path(path), fill)
+
+
+def _write_tokenizer(tmp: Path, tokenizer, tokenizer_dir: str | Path | None) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    elif tokenizer_dir is not None:
+        copy_tokenizer_files(Path(tokenizer_dir), tmp)
+
+
+def save_transformers_model(model: nn.Module, path: str | Path, dtype: torch.dtype | None = None,
+                            max_shard_size: int = DEFAULT_SHARD, tokenizer=None,
+                            tokenizer_dir: str | Path | None = None, force: bool = False) -> Path:
+    """A transformers model (the fallback for architectures the decoder does not cover) through its own
+    `save_pretrained` (safetensors, its config, tied weights once), written into a temporary folder and renamed;
+    `dtype`: a cast copy of each tensor (precision-guarded unless force) is written, the model stays as it is."""
+    sd = None
+    if dtype is not None:
+        sd = {}
+        for k, t in model.state_dict().items():
+            if t.is_floating_point() and t.dtype != dtype:
+                if not force:
+                    check_cast(k, t, dtype)
+                t = t.to(dtype)
+            sd[k] = t
+
+    def fill(tmp: Path) -> None:
+        before = model.config.dtype
+        model.config.dtype = dtype or before
+        try:
+            model.save_pretrained(str(tmp), state_dict=sd, max_shard_size=max_shard_size)
+        finally:
+            model.config.dtype = before
+        _write_tokenizer(tmp, tokenizer, tokenizer_dir)
 
     return write_folder_atomically(Path(path), fill)
 
@@ -65,6 +98,8 @@ def save_model(model, path: str | Path, dtype: str | torch.dtype | None = None,
         PrecisionError: a tensor `dtype` cannot hold (unless force).
     """
     dtype = parse_dtype(dtype)
+    if is_transformers_model(model):  # the fallback: transformers writes its own folder
+        return save_transformers_model(model, path, dtype, max_shard_size, tokenizer, tokenizer_dir, force)
     sd = _cpu_state(model)
     for k, t in sd.items():
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:

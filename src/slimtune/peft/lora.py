@@ -44,7 +44,7 @@ class LoraConfig(MethodConfig):
     use_rslora: bool = option(False, flat="use_rslora", help="scale alpha / sqrt(r) (Kalajdzievski 2023)")
     use_dora: bool = option(False, flat="use_dora", help="DoRA: learn a magnitude per output row")
     lora_bias: bool = option(False, flat="lora_bias", help="train a bias on lora_B too (PEFT's lora_bias)")
-    fan_in_fan_out: bool = False
+    fan_in_fan_out: bool = False  # PEFT's flag for GPT-2's Conv1D: those load as nn.Linear (models.fallback), same math
     init_lora_weights: bool | str = True  # True: A Kaiming-uniform, B zero; "gaussian": A ~ N(0, 1/r); False: both random
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name regex -> r
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # module-name regex -> lora_alpha
@@ -67,8 +67,6 @@ class LoraConfig(MethodConfig):
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias != "none":
             raise ConfigError(f"LoRA bias={self.bias!r} is not supported; use bias='none' (train biases with bitfit)")
-        if self.fan_in_fan_out:
-            raise ConfigError("fan_in_fan_out=True (GPT-2 Conv1D weights) is not supported; slimtune adapts nn.Linear")
         if self.lora_bias and self.use_dora:
             raise ConfigError("lora_bias with DoRA is not supported; use one of them")
         if self.init_lora_weights not in (True, False, "gaussian"):

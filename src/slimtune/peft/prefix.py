@@ -129,7 +129,7 @@ def apply(model: nn.Module, cfg: PrefixTuningConfig, name: str = "default") -> N
     cfg.validate()
     L, nkv, hd, d = _fill(model, cfg)
     atts = _attentions(model)
-    dev = atts[0].q_proj.weight.device if hasattr(atts[0].q_proj, "weight") else None
+    dev = atts[0].o_proj.weight.device if hasattr(atts[0].o_proj, "weight") else None  # (Phi-3 has no q_proj)
     h = (cfg.encoder_hidden_size or d) if cfg.prefix_projection else None
     enc = PrefixEncoder(cfg.num_virtual_tokens, L, nkv, hd, d, h, cfg.init_weights == "zero", device=dev)
     prompt_modules(model)[name] = enc

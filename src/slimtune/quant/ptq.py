@@ -169,6 +169,7 @@ def quantize_checkpoint(model_path: str | Path, out: str | Path, fmt: str | None
         CheckpointError, DataError, PrecisionError: from loading the model and the data.
     """
     from slimtune.io.hub import resolve
+    from slimtune.models.fallback import require_decoder
     from slimtune.models.load import load_model
     from slimtune.models.save import save_quantized
     from slimtune.models.tiny import BUILTIN_NAMES
@@ -179,6 +180,7 @@ def quantize_checkpoint(model_path: str | Path, out: str | Path, fmt: str | None
     _check_job(fmt, group_size, bits)
     t0 = time.perf_counter()
     model, _ = load_model(model_path, device=device)
+    require_decoder(model, "post-training quantization")
     tok = load_tokenizer(model_path)
     names = linear_names(model, skip)
     if not names:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slimtune.errors import ConfigError
+from slimtune.generate import longrope_refill_length
 from slimtune.serve.cache import PagedKVCache, pages_for
 from slimtune.serve.engine import Engine
 from slimtune.serve.lora import AdapterBank, read_lora
@@ -86,6 +87,7 @@ def build(opts: ServeOptions) -> Served:
     from slimtune.models import load_model, load_tokenizer
     from slimtune.commands.generate import pick_device
     from slimtune.models.decoder import Decoder
+    from slimtune.models.fallback import require_decoder
 
     if opts.max_batch < 1 or opts.page_size < 1 or opts.max_queue < 1:
         raise ConfigError("--max-batch, --page-size and --max-queue must be >= 1")
@@ -104,6 +106,7 @@ def build(opts: ServeOptions) -> Served:
                         "weights it learned on", name, q, q)
     device = pick_device(opts.device)
     model, cfg = load_model(opts.model, dtype=opts.dtype, device=device, quantize=opts.quantize)
+    require_decoder(model, "serve (its paged KV cache)")
     tokenizer = load_tokenizer(opts.model)
     with torch.device("meta"):
         skeleton = Decoder(cfg)
@@ -124,7 +127,7 @@ def start(model, tokenizer, opts: ServeOptions, bank: AdapterBank | None, skelet
     """Size the paged KV cache for `model` and start an engine over it (the model, its bank and tokenizer ready).
 
     Raises:
-        ConfigError: a KV cache too small for one request of max_len.
+        ConfigError: a KV cache too small for one request of max_len; a LongRoPE model past its original length.
     """
     cfg = model.config
     device = device or str(model.model.embed_tokens.weight.device)
@@ -134,6 +137,10 @@ def start(model, tokenizer, opts: ServeOptions, bank: AdapterBank | None, skelet
         with torch.device("meta"):
             skeleton = Decoder(cfg)
     max_len = min(opts.max_len or MAX_LEN_DEFAULT, cfg.max_position_embeddings)
+    switch = longrope_refill_length(cfg, 0)
+    if switch is not None and max_len >= switch:  # past it every cached key would need the long factors
+        raise ConfigError(f"serving a LongRoPE model beyond its original length ({switch - 1}) is not supported (its "
+                          f"KV cache would need recomputing there); fix: --max-len {switch - 1}, or slimtune generate")
     dtype = model.model.embed_tokens.weight.dtype
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
     kv = _kv_tokens(opts, max_len, per_token, device)

@@ -50,7 +50,6 @@ class PagedKVCache:
     def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, max_rows: int, max_len: int,
                  device: torch.device | str, dtype: torch.dtype) -> None:
         self.page_size, self.max_rows, self.max_len = page_size, max_rows, max_len
-        self.window = cfg.sliding_window  # Mistral-style: a query sees the last `window` positions only
         self.max_pages = pages_for(max_len, page_size)
         shape = (num_pages * page_size, cfg.num_key_value_heads, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
@@ -93,10 +92,14 @@ class PagedKVCache:
         pages = self.table[rows, :S // P]  # (B, S/P)
         read = (pages[:, :, None] * P + torch.arange(P, device=self.device)).reshape(len(rows), S)
         s = torch.arange(S, device=self.device)[None]
-        mask = s <= pos[:, None]
-        if self.window is not None:
-            mask = mask & (s > pos[:, None] - self.window)
+        mask = s <= pos[:, None]  # sliding layers narrow it further (`window_mask`)
         return self.flat(rows, pos), read, mask.long()
+
+    def window_mask(self, position_ids: Tensor, window: int) -> Tensor:
+        """Decode: (B, 1, 1, S), True for the read positions within `window` of each row's new token at
+        position_ids (B, 1) (read position s holds the row's token at position s), as a sliding layer sees."""
+        s = torch.arange(self.read.shape[1], device=self.device)[None]
+        return (s > position_ids - window)[:, None, None, :]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         B, H, T, D = k.shape

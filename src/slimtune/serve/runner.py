@@ -99,7 +99,7 @@ class Runner:
         self._begin(torch.tensor(slots, device=dev))
         padded = any(len(p) < T for p in prompts)
         h = self.model.hidden_states(ids, attention_mask=am if padded else None, cache=c)
-        return self.model.lm_head(h[:, -1]).float()
+        return self.model.logits(h[:, -1]).float()  # the head, soft-capped where the model says
 
     def forward_decode(self, tok: Tensor, pos: Tensor, write: Tensor, read: Tensor, mask: Tensor,
                        ids: Tensor) -> Tensor:

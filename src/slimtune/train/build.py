@@ -62,6 +62,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Prec
     Raises:
         ConfigError, CheckpointError, PrecisionError: bad method options, model folder or precision.
     """
+    from slimtune.models.fallback import check_packing, is_transformers_model, set_grad_ckpt
     from slimtune.models.load import load_model
     from slimtune.peft.api import apply_method, freeze_base, trainable_report
 
@@ -74,6 +75,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Prec
                               quantize=cfg.quant)
     else:
         model, _ = load_model(cfg.model, dtype=prec.weight_dtype if full else prec.frozen_dtype, device=device)
+    if is_transformers_model(model) and cfg.packing:
+        check_packing(model)
     if full:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -81,7 +84,10 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Prec
         apply_method(model, mcfg)
         freeze_base(model)
     apply_precision(model, prec)
-    model.grad_ckpt = cfg.grad_ckpt
+    if is_transformers_model(model):  # the fallback: transformers' own checkpointing
+        set_grad_ckpt(model, cfg.grad_ckpt)
+    else:
+        model.grad_ckpt = cfg.grad_ckpt
     return model.train(), prec, trainable_report(model, print_line=False)  # counts quantized weights too
 
 
@@ -120,10 +126,17 @@ def predict_memory(cfg: TrainConfig, device: torch.device, log: Callable[[str], 
         return None
     from slimtune.io.hub import resolve
     from slimtune.memory.estimate import EstimateInput, estimate
-    from slimtune.models.config import ModelConfig
+    from slimtune.models.config import ARCHITECTURES, ModelConfig, read_config_json
     from slimtune.models.tiny import BUILTIN_NAMES, builtin_config
 
-    mcfg = builtin_config() if cfg.model in BUILTIN_NAMES else ModelConfig.from_file(resolve(cfg.model) / "config.json")
+    if cfg.model in BUILTIN_NAMES:
+        mcfg = builtin_config()
+    else:
+        d = read_config_json(resolve(cfg.model) / "config.json")
+        if d.get("model_type") not in ARCHITECTURES:  # the fallback: no model of transformers' layers here
+            log(f"no memory prediction for model_type {d.get('model_type')} (not one of slimtune's decoders)")
+            return None
+        mcfg = ModelConfig.from_hf(d)
     prec = cfg.precision if cfg.precision != "auto" else "bf16-mixed"
     offload = "optimizer" if cfg.offload_optimizer else "activations" if cfg.offload_activations else None
     e = estimate(EstimateInput(mcfg, "lora" if cfg.method == "dora" else cfg.method, prec, cfg.optimizer,

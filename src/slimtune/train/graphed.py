@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.models.fallback import is_transformers_model
 from slimtune.precision.policy import Precision
 from slimtune.train.step import TrainingError, batch_loss, predicted_tokens, train_step
 
@@ -41,6 +42,8 @@ def supported(model: nn.Module, optimizer, scaler, device: torch.device, offload
         return "dropout"
     if len(getattr(model, "prompt_encoder", ())):
         return "prompt methods"
+    if is_transformers_model(model):
+        return "transformers' own implementation (the fallback)"
     return None
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from slimtune import kernels
 from slimtune.errors import ConfigError
+from slimtune.models.fallback import fallback_note
 from slimtune.optim.schedules import lr_at, total_steps, warmup_count
 from slimtune.train.build import build_data, build_model, build_optimizer, pick_device, predict_memory
 from slimtune.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -78,6 +79,8 @@ class Run:
             f"{d['dropped']} dropped")
         predict_memory(cfg, self.device, log)
         self.model, self.prec, self.counts = build_model(cfg, self.device)
+        if fallback_note(self.model):
+            log(fallback_note(self.model))
         log(self.prec.describe())
         c = self.counts
         log(f"method {cfg.method}: trainable params {c['trainable']:,} of {c['total']:,} ({c['percent']:.4f}%) on "

@@ -40,9 +40,11 @@ def mean_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 def chunkable_head(model: nn.Module) -> nn.Linear | None:
     """The model's LM head when the chunked loss can use it: a plain nn.Linear (frozen or trained, tied or not) of a
-    model that exposes `hidden_states`; None for an adapted head (LoRA, modules_to_save) or another kind of model."""
+    model that exposes `hidden_states`; None for an adapted head (LoRA, modules_to_save), soft-capped logits (Gemma 2:
+    the chunks would skip the cap) or another kind of model."""
     head = getattr(model, "lm_head", None)
-    return head if type(head) is nn.Linear and hasattr(model, "hidden_states") else None
+    capped = getattr(getattr(model, "config", None), "final_softcap", None) is not None
+    return head if type(head) is nn.Linear and hasattr(model, "hidden_states") and not capped else None
 
 
 def lm_head_loss(hidden: Tensor, head: nn.Linear, labels: Tensor, chunk_tokens: int | None = None) -> tuple[Tensor,

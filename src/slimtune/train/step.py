@@ -12,6 +12,7 @@ from torch import nn
 from slimtune.data.pack import model_inputs
 from slimtune.data.tokenize import IGNORE_INDEX
 from slimtune.errors import SlimtuneError
+from slimtune.models.fallback import is_transformers_model, transformers_logits
 from slimtune.precision.policy import Precision
 from slimtune.train.loss import causal_lm_loss, chunkable_head, lm_head_loss
 from slimtune.train.offload import offload_activations
@@ -39,6 +40,8 @@ def batch_loss(model: nn.Module, batch: dict, prec: Precision, device: torch.dev
             logits = forward_with_prompts(model, b["input_ids"], b.get("attention_mask")).logits  # (B, T, V)
         elif head is not None:
             return lm_head_loss(model.hidden_states(**model_inputs(b)), head, b["labels"])  # from (B, T, d)
+        elif is_transformers_model(model):  # the fallback: transformers' implementation, its output's .logits
+            logits = transformers_logits(model, model_inputs(b))  # (B, T, V)
         else:
             logits = model(**model_inputs(b))  # (B, T, V)
     return causal_lm_loss(logits, b["labels"])
