@@ -1,7 +1,7 @@
 """One flat config for every supported decoder, read from and written to a Hugging Face `config.json`.
 
-Architectures differ only in fields: q/k/v biases (Qwen2), q/k RMSNorm (Qwen3), sliding window (Mistral), llama3 RoPE
-scaling (Llama 3.1+). The GPT-style fields (LayerNorm, plain GELU MLP, learned positions) exist so that shapes such as
+Architectures differ only in fields: q/k/v biases (Qwen2), q/k RMSNorm (Qwen3), sliding window (Mistral), RoPE scaling
+(llama3 for Llama 3.1+; linear, dynamic NTK and YaRN to extend a context). The GPT-style fields (LayerNorm, plain GELU MLP, learned positions) exist so that shapes such as
 GPT-3 175B can be built on the meta device and counted.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
 
 
 @dataclass

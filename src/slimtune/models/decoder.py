@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from slimtune.models.attention import Attention, rope_inv_freq
+from slimtune.models.attention import Attention, rope_attention_factor, rope_inv_freq, rope_type
 from slimtune.models.cache import KVCache
 from slimtune.models.config import ModelConfig
 from slimtune.models.layers import MLP, make_norm
@@ -66,18 +66,31 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.grad_ckpt: bool | str = False
         self._host_pool = HostPool()  # pinned buffers of offloaded block inputs, reused across steps
-        self._inv_freq = {"cpu": rope_inv_freq(cfg)} if not cfg.learned_positions else {}
+        self.reset_rope()
 
     # ---- positions and masks ------------------------------------------------------------------------------------
+    def reset_rope(self) -> None:
+        """Recompute the rotary frequencies from the config (after its `rope_scaling` changed, e.g. by LongLoRA)."""
+        cfg = self.config
+        self._inv_freq = {"cpu": rope_inv_freq(cfg)} if not cfg.learned_positions else {}
+        self._rope_factor = rope_attention_factor(cfg)
+
     def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin of shape (B, T, hd) for integer positions (B, T); angles computed in fp32 as transformers."""
         dev = position_ids.device
         inv = self._inv_freq.get(str(dev))
         if inv is None:
             inv = self._inv_freq[str(dev)] = self._inv_freq["cpu"].to(dev)
+        if rope_type(self.config) == "dynamic":  # dynamic NTK: the frequencies follow this call's longest position
+            seq = int(position_ids.max()) + 1
+            if seq > self.config.max_position_embeddings:
+                inv = rope_inv_freq(self.config, seq).to(dev)
         ang = position_ids[..., None].float() * inv  # (B, T, hd/2)
         emb = torch.cat([ang, ang], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self._rope_factor != 1.0:  # YaRN's attention factor, applied to both (as transformers)
+            cos, sin = cos * self._rope_factor, sin * self._rope_factor
+        return cos.to(dtype), sin.to(dtype)
 
     def build_mask(self, B: int, T: int, past: int, device: torch.device, attention_mask: Tensor | None,
                    seq_ids: Tensor | None) -> Tensor | None:

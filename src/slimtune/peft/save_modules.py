@@ -25,6 +25,14 @@ class ModulesToSave(AdapterLayer):
     def add(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.base_layer).train(self.training)
 
+    @property
+    def weight(self) -> Tensor:
+        """The weight forward uses (the active copy's, else the base's): code reading `embed_tokens.weight` works."""
+        return self._current().weight
+
+    def _current(self) -> nn.Module:
+        return self.base_layer if self.disabled or not self.active else self.modules_to_save[self.active[0]]
+
     def forward(self, *args: Any, **kw: Any) -> Any:
         if self.disabled or not self.active:
             return self.base_layer(*args, **kw)
