@@ -19,10 +19,11 @@ from slimtune.errors import ConfigError
 from slimtune.peft import lora
 from slimtune.peft.base import MethodSpec, option, register
 from slimtune.peft.lora import LoraConfig
+from slimtune.peft.save_modules import NORMS, present_modules
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "none")
-EMBED_NORM = ("embed_tokens", "input_layernorm", "post_attention_layernorm", "model.norm")  # PEFT matches suffixes
-_KEY = "slimtune_longlora"  # model.__dict__[_KEY][adapter] = (rope_scaling, max_position_embeddings) before apply
+EMBED_NORM = ("embed_tokens", *NORMS)  # LoRA+: trainable copies of these
+_KEY = "slimtune_longlora"  # model.__dict__[_KEY]: {"names": LongLoRA adapters applied, "base": the base's RoPE}
 
 
 @dataclass
@@ -89,11 +90,10 @@ def _fill(model: nn.Module, cfg: LongLoraConfig) -> LongLoraConfig:
     _attentions(model)
     mc = model.config
     if cfg.original_max_position_embeddings is None:
-        base = model.__dict__.get(_KEY, {})
-        cfg.original_max_position_embeddings = next(iter(base.values()))[1] if base else mc.max_position_embeddings
+        state = model.__dict__.get(_KEY)
+        cfg.original_max_position_embeddings = state["base"][1] if state else mc.max_position_embeddings
     if cfg.trainable_embed_norm and cfg.modules_to_save is None:
-        names = [n for n, _ in model.named_modules()]
-        cfg.modules_to_save = [k for k in EMBED_NORM if any(n == k or n.endswith("." + k) for n in names)]
+        cfg.modules_to_save = present_modules(model, EMBED_NORM)
     return cfg
 
 
@@ -108,14 +108,16 @@ def apply(model: nn.Module, cfg: LongLoraConfig, name: str = "default") -> None:
     cfg.validate()
     atts = _attentions(model)
     _fill(model, cfg)
-    mc, saved = model.config, model.__dict__.setdefault(_KEY, {})
+    mc, state = model.config, model.__dict__.get(_KEY)
     had = (mc.rope_scaling or {}).get("rope_type", "default")
     new = cfg.rope_scaling(cfg.original_max_position_embeddings)
-    if new is not None and had != "default" and not saved:
+    if new is not None and had != "default" and not state:
         raise ConfigError(f"the base model already scales RoPE ({had}); set rope_type=none to keep its scaling, or "
                           "extend a model with plain RoPE")
     lora.apply(model, cfg, name)
-    saved[name] = (mc.rope_scaling, mc.max_position_embeddings)
+    if not state:
+        state = model.__dict__[_KEY] = {"names": [], "base": (mc.rope_scaling, mc.max_position_embeddings)}
+    state["names"].append(name)
     if new is not None:
         mc.rope_scaling = new
         if cfg.rope_type != "dynamic":  # dynamic NTK reads max_position_embeddings as the original length
@@ -126,12 +128,19 @@ def apply(model: nn.Module, cfg: LongLoraConfig, name: str = "default") -> None:
 
 
 def remove(model: nn.Module, name: str = "default", merged: bool = False) -> None:
-    """Switch S^2-Attn off and, unless `merged` (the extended model keeps its RoPE), restore the RoPE of the base."""
+    """When the last LongLoRA adapter goes: switch S^2-Attn off and, unless `merged` (the extended model keeps its
+    RoPE), restore the base's RoPE."""
+    state = model.__dict__.get(_KEY)
+    if not state or name not in state["names"]:
+        return
+    state["names"].remove(name)
+    if state["names"]:
+        return
+    del model.__dict__[_KEY]
     for att in _attentions(model):
         att.s2_group = None
-    before = model.__dict__.get(_KEY, {}).pop(name, None)
-    if before is not None and not merged:
-        model.config.rope_scaling, model.config.max_position_embeddings = before
+    if not merged:
+        model.config.rope_scaling, model.config.max_position_embeddings = state["base"]
         model.reset_rope()
 
 
