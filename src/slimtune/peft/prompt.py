@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
 from slimtune.peft.base import MethodConfig, MethodSpec, check_rank, option, register
+from slimtune.peft.layer import active_adapters
 from slimtune.train.loss import mean_lm_loss
 
 INITS = ("SAMPLE_VOCAB", "TEXT", "RANDOM")
@@ -112,6 +113,33 @@ class PromptEmbedding(nn.Module):
     def embeds(self) -> Tensor:
         """(n, d) virtual-token embeddings."""
         return self.prompt_embeddings
+
+
+def active_prompt(model: nn.Module) -> nn.Module | None:
+    """The prompt module of the active adapter, for generation: a prepending one (`embeds()`: (n, d)) or a prefix
+    (`is_prefix`, `layer_kv(i)`); None when no prompt adapter is active.
+
+    Raises:
+        ConfigError: several prompt adapters are active.
+    """
+    mods = getattr(model, "prompt_encoder", None)
+    if not isinstance(mods, nn.ModuleDict):
+        return None
+    names = [n for n in active_adapters(model) if n in mods]
+    if len(names) > 1:
+        raise ConfigError(f"prompt adapters {', '.join(names)} are all active; generation prepends one: "
+                          "set_adapter(model, NAME) first")
+    return mods[names[0]] if names else None
+
+
+def virtual_tokens(enc: nn.Module) -> Tensor:
+    """The n virtual tokens (n, d) a prepending encoder produces, in eval mode (no dropout), without a graph."""
+    was = enc.training
+    enc.eval()
+    with torch.no_grad():
+        out = enc.embeds()
+    enc.train(was)
+    return out
 
 
 class PromptOutput(NamedTuple):
