@@ -32,6 +32,7 @@ METHOD_MODULES: list[str] = [
     "slimtune.peft.partial",
     "slimtune.peft.qat",
     "slimtune.peft.longlora",
+    "slimtune.peft.relora",
 ]
 
 FILE_PREFIX = "base_model.model."  # PEFT's prefix of a module path inside adapter_model.safetensors
