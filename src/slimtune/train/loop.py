@@ -98,7 +98,7 @@ class Run:
             self.metrics_path.unlink(missing_ok=True)
         else:
             truncate_metrics(self.metrics_path, self.step)
-        self.logger = MetricsLogger(self.out, cfg.log_tensorboard)
+        self.logger = MetricsLogger(self.out, cfg.log_tensorboard, purge_step=self.step + 1 if self.step else None)
         self.t_train, self.tok_done, self.last = 0.0, 0, {}
 
     def _graphed(self) -> GraphedStep | None:
