@@ -165,7 +165,9 @@ def _generate(model, input_ids: Tensor, attention_mask: Tensor | None, sc: Sampl
     am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     logits, am, padded = _prefill(model, input_ids, am, cache, enc)
     T = am.shape[1]  # positions filled: virtual tokens or prefix, then the prompts
-    graph = GraphStep(model, cache) if (input_ids.is_cuda if cuda_graph is None else cuda_graph) else None
+    if cuda_graph is None:  # dynamic NTK RoPE reads the longest position on the host: no graph
+        cuda_graph = input_ids.is_cuda and (cfg.rope_scaling or {}).get("rope_type") != "dynamic"
+    graph = GraphStep(model, cache) if cuda_graph else None
     slots = torch.zeros(B, T + sc.max_new_tokens, dtype=torch.long, device=input_ids.device)
     slots[:, :T] = am
     next_pos = am.long().sum(1)  # position of the next token in each row (padding not counted)

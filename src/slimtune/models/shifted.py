@@ -11,6 +11,7 @@ this file: shifted groups are [0, G/2), [G/2, 3G/2), ..., and every token sees o
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -59,24 +60,33 @@ def _attend_segments(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, idx: 
     return out.reshape(B, n, h, L, hd).transpose(1, 2).reshape(B, h, n * L, hd)
 
 
+@lru_cache(maxsize=64)
+def plan(T: int, start: int, G: int, device: torch.device) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+    """The layouts of `segments(T, start, G)` on `device`, full groups in one and the (at most two) shorter ones in
+    another, and the slot (T,) of each position's output among theirs. Cached: built on the CPU and copied once per
+    length, not in every layer and step (nor inside a CUDA-graph capture)."""
+    segs = segments(T, start, G)
+    full = [s for s in segs if s[1] - s[0] == G]
+    layouts, pos = [], []
+    for group in (full, [s for s in segs if s not in full]):
+        if group:
+            idx, real = layout(group)
+            layouts.append((idx.to(device), real.to(device)))
+            pos.append(torch.where(real, idx, -1).flatten())
+    pos = torch.cat(pos)  # the position held by each output slot, -1 for padding
+    slot = torch.empty(T, dtype=torch.long)
+    slot[pos[pos >= 0]] = torch.nonzero(pos >= 0).flatten()
+    return layouts, slot.to(device)
+
+
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, start: int, G: int,
                       attn: AttnFn) -> Tensor:
     """Causal attention within the groups `segments(T, start, G)`: full groups in one call, the (at most two) shorter
     ones in another. q (B, h, T, hd), k, v (B, hkv, T, hd), mask None (causal) or bool (B, 1, T, T).
     Returns (B, h, T, hd)."""
-    T, dev = q.shape[2], q.device
-    segs = segments(T, start, G)
-    full = [s for s in segs if s[1] - s[0] == G]
-    outs, pos = [], []
-    for group in (full, [s for s in segs if s not in full]):
-        if group:
-            idx, real = layout(group)
-            outs.append(_attend_segments(q, k, v, mask, idx.to(dev), real.to(dev), attn))
-            pos.append(torch.where(real, idx, -1).flatten())
-    pos = torch.cat(pos)  # the position held by each output slot, -1 for padding
-    slot = torch.empty(T, dtype=torch.long)
-    slot[pos[pos >= 0]] = torch.nonzero(pos >= 0).flatten()  # where each position's output sits
-    return torch.cat(outs, 2).index_select(2, slot.to(dev))
+    layouts, slot = plan(q.shape[2], start, G, q.device)
+    outs = [_attend_segments(q, k, v, mask, idx, real, attn) for idx, real in layouts]
+    return torch.cat(outs, 2).index_select(2, slot)
 
 
 def shifted_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, G: int, attn: AttnFn) -> Tensor:
