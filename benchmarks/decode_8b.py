@@ -59,7 +59,6 @@ def main():
         floor = bw / 4.3e12  # every weight byte read once per token at the measured copy bandwidth
         print(json.dumps({"quant": a.quant, "weight_gib": round(bw / 2**30, 2),
                           "bandwidth_floor_tok_s": round(1 / floor, 1)}))
-    model._inv_freq = {"cpu": model._inv_freq["cpu"]}
     V = cfg.vocab_size
     g = torch.Generator().manual_seed(1)
     long_ids = torch.randint(0, V, (1, min(2048, cfg.max_position_embeddings)), generator=g).to(dev)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from slimtune.train.loss import causal_lm_loss
 from slimtune.models.config import ModelConfig
-from slimtune.models.attention import Rotary
+from slimtune.models.rope import Rotary
 from slimtune.models.decoder import Block
 from slimtune.kernels.cross_entropy import linear_cross_entropy
 from slimtune import kernels

@@ -184,7 +184,6 @@ def main():
     else:
         cfg = get_shape(a.shape).replace(dtype=str(dtype)[6:])
         model = materialise(build_meta(cfg), dev).to(dtype).eval()
-        model._inv_freq = {"cpu": model._inv_freq["cpu"]}
         tok = builtin_tokenizer()  # random weights have no tokenizer; this one decodes any id (unknown ones to "")
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)

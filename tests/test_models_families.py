@@ -115,7 +115,7 @@ def test_config_4x_spelling_reads_as_5x(tmp_path):
         assert _fields(ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf())))) == _fields(cfg)
 
 
-@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0}, {"type": "yarn", "factor": 4.0}])
+@pytest.mark.parametrize("rope", [{"rope_type": "proportional", "factor": 2.0}, {"type": "ntk-by-parts", "factor": 4.0}])
 def test_unsupported_rope_is_refused_in_one_line(rope):
     with pytest.raises(CheckpointError, match="RoPE scaling type .* is not supported"):
         ModelConfig.from_hf(dict(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8,

@@ -1,5 +1,7 @@
 """Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), repetition penalty, stop tokens and
 stop strings, batches of prompts with left padding, chat templates, and streaming of tokens as they are produced.
+With an active prompt adapter the virtual tokens go first (prompt tuning, P-tuning) or fill the cache's first
+positions (prefix tuning), as in training (`peft.prompt.forward_with_prompts`).
 
 The logit processors apply in the order transformers uses (repetition penalty, temperature, top-k, top-p), so greedy
 decoding gives the same ids as `transformers.generate`.
@@ -16,6 +18,7 @@ from torch import Tensor
 from slimtune.errors import SlimtuneError
 from slimtune.models.cache import KVCache
 from slimtune.models.fallback import is_transformers_model
+from slimtune.peft.prompt import active_prompt, virtual_tokens
 
 
 @dataclass
@@ -118,20 +121,59 @@ def _refill(model, cache: KVCache, ids: Tensor, am: Tensor | None) -> Tensor:
         cache.static = static
 
 
+def _prefill(model, input_ids: Tensor, am: Tensor, cache: KVCache, enc) -> tuple[Tensor, Tensor, bool]:
+    """Run the prompts (B, T) into the cache, after the virtual tokens or prefix of the prompt module `enc` (if any).
+    Returns (last logits (B, V) fp32, the attention mask over the cache's filled positions, padded)."""
+    B = input_ids.shape[0]
+    n, embeds = 0, None
+    if enc is not None and getattr(enc, "is_prefix", False):  # the prefix k, v take the cache's first P positions
+        n = enc.num_virtual_tokens
+        for i in range(len(cache.k)):
+            k, v = enc.layer_kv(i)  # (nkv, P, hd)
+            cache.k[i][:, :, :n], cache.v[i][:, :, :n] = k.to(cache.k[i].dtype), v.to(cache.v[i].dtype)
+        cache.pos = n
+    elif enc is not None:  # prompt / P-tuning: n virtual tokens before the (left-padded) prompts
+        virt = virtual_tokens(enc)
+        n = virt.shape[0]
+        x = model.model.embed_tokens(input_ids)
+        embeds = torch.cat([virt.to(x.dtype)[None].expand(B, -1, -1), x], 1)  # (B, n + T, d)
+    am = torch.cat([am.new_ones(B, n), am], 1) if n else am
+    padded = bool((am == 0).any())
+    if embeds is not None:
+        out = model(inputs_embeds=embeds, attention_mask=am if padded else None, cache=cache)
+    else:
+        out = model(input_ids, attention_mask=am if padded else None, cache=cache)
+    return out[:, -1].float(), am, padded
+
+
 @torch.no_grad()
 def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, sc: SamplingConfig | None = None,
              on_tokens: Callable[[Tensor], bool | None] | None = None, cuda_graph: bool | None = None) -> Tensor:
     """Generate up to sc.max_new_tokens after each (left-padded) prompt.
 
     Args:
-        model: a `Decoder`, or a transformers model (the fallback: `transformers_generate`).
+        model: a `Decoder` (with its active prompt, prefix or P-tuning adapter, if any: `_prefill`), or a transformers
+            model (the fallback: `transformers_generate`).
         input_ids: (B, T) prompt ids, left-padded; attention_mask: (B, T), 0 on padding.
         on_tokens: called with each step's new ids (B,); returning True stops generation (stop strings).
         cuda_graph: replay each decode step as a CUDA graph (default: on CUDA).
     Returns:
         (B, n) new ids, n <= max_new_tokens; rows that stopped early are filled with their stop token.
     """
-    sc = sc or SamplingConfig()
+    enc = active_prompt(model)
+    hooked = [m for m in model.modules() if getattr(m, "prefix", None) is not None]
+    saved = [m.prefix for m in hooked]
+    for m in hooked:  # a prefix enters through the cache here, not through the attention hooks
+        m.prefix = None
+    try:
+        return _generate(model, input_ids, attention_mask, sc or SamplingConfig(), on_tokens, cuda_graph, enc)
+    finally:
+        for m, pre in zip(hooked, saved):
+            m.prefix = pre
+
+
+def _generate(model, input_ids: Tensor, attention_mask: Tensor | None, sc: SamplingConfig,
+              on_tokens: Callable[[Tensor], bool | None] | None, cuda_graph: bool | None, enc) -> Tensor:
     sc.validate()
     if is_transformers_model(model):
         return transformers_generate(model, input_ids, attention_mask, sc, on_tokens)
@@ -139,18 +181,22 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, sc:
     stop = torch.tensor(sc.stop_token_ids if sc.stop_token_ids is not None else cfg.eos_ids,
                         dtype=torch.long, device=input_ids.device)
     B, T = input_ids.shape
+    n = enc.num_virtual_tokens if enc is not None else 0
     dtype = model.model.embed_tokens.weight.dtype
-    cache = KVCache(cfg, B, T + sc.max_new_tokens, input_ids.device, dtype)
+    cache = KVCache(cfg, B, n + T + sc.max_new_tokens, input_ids.device, dtype)
     gen = torch.Generator(device=input_ids.device).manual_seed(sc.seed) if sc.seed is not None else None
     am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    padded = bool((am == 0).any())
-    logits = model(input_ids, attention_mask=am if padded else None, cache=cache)[:, -1].float()
-    graph = GraphStep(model, cache) if (input_ids.is_cuda if cuda_graph is None else cuda_graph) else None
+    logits, am, padded = _prefill(model, input_ids, am, cache, enc)
+    T = am.shape[1]  # positions filled: virtual tokens or prefix, then the prompts
+    if cuda_graph is None:  # dynamic NTK RoPE reads the longest position on the host: no graph
+        cuda_graph = input_ids.is_cuda and (cfg.rope_scaling or {}).get("rope_type") != "dynamic"
+    graph = GraphStep(model, cache) if cuda_graph else None
     slots = torch.zeros(B, T + sc.max_new_tokens, dtype=torch.long, device=input_ids.device)
     slots[:, :T] = am
     next_pos = am.long().sum(1)  # position of the next token in each row (padding not counted)
     seen, out = input_ids, []
-    refill = longrope_refill_length(cfg, T)
+    # (not with a prompt adapter: its virtual tokens are not in `seen`, so they would not be run again)
+    refill = longrope_refill_length(cfg, T) if enc is None else None
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for _ in range(sc.max_new_tokens):
         scores = process_logits(logits, seen, sc)

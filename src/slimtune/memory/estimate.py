@@ -81,6 +81,9 @@ class EstimateInput:
         for key, allowed in (("precision", tuple(POLICIES)), ("optimizer", OPTIMIZERS)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"unknown {key} {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
+        if self.optimizer.startswith("galore"):  # its state depends on each matrix's shape, not on the counts here
+            raise ConfigError("the memory estimate does not model GaLore's optimizer state (r x dims per matrix, "
+                              "see slimtune.optim.galore); use optimizer=adamw for an upper bound")
         if self.offload not in OFFLOADS:
             raise ConfigError(f"unknown offload {self.offload!r}; choose activations or optimizer")
         for name, v in (("batch", self.batch), ("seq", self.seq)):

@@ -1,11 +1,9 @@
-"""Self-attention of the decoder and its seams: rotary position embeddings (RoPE: linear / llama3 / longrope scaling,
-partial rotary) and `attend`, the one place where q, k, v meet (PyTorch SDPA; the math path for Gemma 2's soft-capped
-scores; kernels and LongLoRA's shifted attention plug in here). RoPE runs through `slimtune.kernels.rope` (a fused
-kernel on CUDA, its PyTorch reference elsewhere), q/k/v and o through `models.projections.project`.
+"""Self-attention of the decoder and its seams: `rotate` (RoPE through `slimtune.kernels.rope`, a fused kernel on
+CUDA; partial rotary) and `attend`, the one place where q, k, v meet (PyTorch SDPA; the math path for Gemma 2's
+soft-capped scores; LongLoRA's shifted sparse attention, `shifted.py`, when `Attention.s2_group` is set in training).
+q/k/v and o run through `models.projections.project`; the cos / sin come from `models.rope`.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -16,83 +14,11 @@ from slimtune.kernels.rope import apply_rope
 from slimtune.models.config import ModelConfig
 from slimtune.models.layers import RMSNorm
 from slimtune.models.projections import project
+from slimtune.models.shifted import shifted_attention
 
 # With a KV cache the key length changes every step; cuDNN attention (the default on Hopper) builds a new plan per
 # shape (measured: 63 ms a decode step on an H100, flash 0.6 ms), so decoding uses flash, or math for masks.
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-
-
-def scaled_inv_freq(inv: Tensor, rs: dict) -> Tensor:
-    """Inverse frequencies with linear or llama3 scaling applied (others unchanged).
-
-    llama3 (Llama 3.1): wavelengths longer than original_len / low_freq_factor are divided by `factor`, shorter than
-    original_len / high_freq_factor kept, and those in between interpolated smoothly.
-    """
-    kind = rs.get("rope_type", rs.get("type", "default"))
-    if kind == "linear":
-        inv = inv / rs["factor"]
-    elif kind == "llama3":
-        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-        old_len = rs["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
-        smooth = (old_len / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
-        inv = torch.where(medium, smoothed, scaled)
-    return inv
-
-
-def longrope_factor(rs: dict, max_positions: int) -> float:
-    """LongRoPE's (Phi-3) factor on cos and sin: attention_factor, else sqrt(1 + ln(s) / ln(L0)) with s = factor or
-    max_positions / L0, L0 the original length (1 when s <= 1); as transformers' _compute_longrope_parameters."""
-    if rs.get("attention_factor") is not None:
-        return float(rs["attention_factor"])
-    L0 = rs["original_max_position_embeddings"]
-    s = rs.get("factor") or max_positions / L0
-    return 1.0 if s <= 1.0 else math.sqrt(1 + math.log(s) / math.log(L0))
-
-
-class Rotary:
-    """cos and sin of one RoPE variant for integer positions; the inverse frequencies theta^(-2i/rd), i < rd/2, are
-    kept in fp32 (CPU master, a copy per device). `local` (Gemma 3's sliding layers): base rope_local_theta, unscaled.
-    LongRoPE (Phi-3): frequencies divided by short_factor, or by long_factor once the largest position reaches the
-    original length (transformers' dynamic longrope: chosen per forward, on the device, so CUDA graphs hold), and
-    cos / sin scaled by `longrope_factor`.
-    """
-
-    def __init__(self, cfg: ModelConfig, local: bool = False) -> None:
-        rd = cfg.rotary_dim
-        theta = cfg.rope_local_theta if local else cfg.rope_theta
-        rs = {} if local else dict(cfg.rope_scaling or {})
-        base = theta ** (torch.arange(0, rd, 2, dtype=torch.int64, device="cpu").float() / rd)
-        self.factor, self.switch = 1.0, None
-        if rs.get("rope_type") == "longrope":
-            self.inv = {"cpu": 1.0 / (torch.tensor(rs["short_factor"], dtype=torch.float32, device="cpu") * base)}
-            self.long = {"cpu": 1.0 / (torch.tensor(rs["long_factor"], dtype=torch.float32, device="cpu") * base)}
-            self.switch = rs["original_max_position_embeddings"]
-            self.factor = longrope_factor(rs, cfg.max_position_embeddings)
-        else:
-            self.inv = {"cpu": scaled_inv_freq(1.0 / base, rs)}
-
-    @staticmethod
-    def _on(table: dict[str, Tensor], dev: torch.device) -> Tensor:
-        t = table.get(str(dev))
-        if t is None:
-            t = table[str(dev)] = table["cpu"].to(dev)
-        return t
-
-    def __call__(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin (B, T, rd) for positions (B, T); angles in fp32 as transformers."""
-        inv = self._on(self.inv, position_ids.device)
-        if self.switch is not None:
-            long = self._on(self.long, position_ids.device)
-            inv = torch.where(position_ids.max() + 1 > self.switch, long, inv)
-        ang = position_ids[..., None].float() * inv  # (B, T, rd/2)
-        emb = torch.cat([ang, ang], dim=-1)
-        if self.factor != 1.0:
-            return (emb.cos() * self.factor).to(dtype), (emb.sin() * self.factor).to(dtype)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rotate(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,14 +33,19 @@ def rotate(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, decode: bool,
-           scale: float | None = None, softcap: float | None = None) -> Tensor:
+           scale: float | None = None, softcap: float | None = None, group: int | None = None) -> Tensor:
     """softmax(q k^T * scale + mask) v for q (B, nh, T, hd), k and v (B, nkv, S, hd), grouped-query when
     nh > nkv; mask: boolean (B, 1, T, S), True = may attend; scale defaults to hd ** -0.5. Returns (B, nh, T, hd).
 
     Training lets PyTorch pick the SDPA backend (flash / memory-efficient / cuDNN: none builds an S x S matrix);
     decoding (`decode`: a KV cache whose length changes every step) uses flash or math, see DECODE_BACKENDS.
     `softcap` (Gemma 2) needs the scores themselves, so it runs `softcapped_attention`, which builds them.
+    `group` (LongLoRA's S^2-Attn, self-attention without a cache, S == T): attention within groups of `group` tokens,
+    shifted by group / 2 in half of the heads (`shifted.shifted_attention`), each batch of groups through this function.
     """
+    if group and not decode and q.shape[2] > group:
+        return shifted_attention(q, k, v, mask, group,
+                                 lambda *a: attend(*a, decode=False, scale=scale, softcap=softcap))
     if softcap is not None:
         return softcapped_attention(q, k, v, mask, is_causal, scale, softcap)
     kw = dict(attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1], scale=scale)
@@ -153,7 +84,8 @@ class Attention(nn.Module):
     (nh*hd, nkv*hd, nkv*hd features); the fused layer stays one module under transformers' name, so state dicts
     and PEFT adapters (which target qkv_proj for Phi-3) keep the checkpoint's layout.
     `prefix` (set by prefix tuning) is an optional module returning (k, v), each (B, nkv, P, hd): P extra key/value
-    positions that every query sees.
+    positions that every query sees. `s2_group` (set by LongLoRA): in training, attention within shifted groups of
+    that many tokens (S^2-Attn); None, in eval mode, with a cache or a prefix: full attention.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
@@ -173,6 +105,7 @@ class Attention(nn.Module):
         self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None  # Gemma
         self.softcap = cfg.attn_softcap
         self.prefix: nn.Module | None = None
+        self.s2_group: int | None = None
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q (B, T, nh, hd), k and v (B, T, nkv, hd) of x (B, T, d)."""
@@ -205,5 +138,6 @@ class Attention(nn.Module):
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
             mask = torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], -1)  # every query sees the prefix
             is_causal = False
-        y = attend(q, k, v, mask, is_causal, cache is not None, self.scale, self.softcap)  # (B, nh, T, hd)
+        group = self.s2_group if self.training and cache is None and self.prefix is None else None
+        y = attend(q, k, v, mask, is_causal, cache is not None, self.scale, self.softcap, group)  # (B, nh, T, hd)
         return project(y.transpose(1, 2).reshape(B, T, self.nh * self.hd), [self.o_proj])[0]

@@ -1,8 +1,9 @@
 """One flat config for every supported decoder, read from and written to a Hugging Face `config.json`.
 
-Architectures differ only in fields: q/k/v biases (Qwen2), q/k RMSNorm (Qwen3), sliding window (Mistral), llama3 RoPE
-scaling (Llama 3.1+); Gemma 2 / 3 and Phi-3 add theirs (read and written in `families.py`). The GPT-style fields
-(LayerNorm, plain GELU MLP, learned positions) exist so that shapes such as GPT-3 175B can be built and counted.
+Architectures differ only in fields: q/k/v biases (Qwen2), q/k RMSNorm (Qwen3), sliding window (Mistral), RoPE
+scaling (llama3 for Llama 3.1+; linear, dynamic NTK and YaRN to extend a context, `rope.py`); Gemma 2 / 3 and Phi-3
+add theirs (read and written in `families.py`). The GPT-style fields (LayerNorm, plain GELU MLP, learned positions)
+exist so that shapes such as GPT-3 175B can be built and counted.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ ARCHITECTURES = {
     "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
 }
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names of the attention kinds
 O_BIAS = ("llama", "qwen3", "gemma2", "gemma3_text")  # attention_bias covers o_proj too
 

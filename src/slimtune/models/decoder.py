@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from slimtune.models.attention import Attention, Rotary
+from slimtune.models.attention import Attention
 from slimtune.models.cache import KVCache
 from slimtune.models.config import ModelConfig
 from slimtune.models.layers import MLP, ScaledEmbedding, make_norm
 from slimtune.models.recompute import HostPool, run_blocks
+from slimtune.models.rope import Rotary
 
 
 class CausalLMOutput(Tensor):
@@ -107,14 +108,20 @@ class Decoder(nn.Module):
         self.grad_ckpt: bool | str = False
         self._host_pool = HostPool()  # pinned buffers of offloaded block inputs, reused across steps
         self.kinds = sorted({cfg.layer_type(i) for i in range(cfg.num_hidden_layers)})
-        self._rotary = {}  # attention kind -> its RoPE (Gemma 3's sliding layers have their own base)
+        self.reset_rope()
+
+    # ---- positions and masks ------------------------------------------------------------------------------------
+    def reset_rope(self) -> None:
+        """Build the RoPE of each attention kind from the config (again after its `rope_scaling` changed, e.g. by
+        LongLoRA); Gemma 3's sliding layers have their own base."""
+        cfg = self.config
+        self._rotary: dict[str, Rotary] = {}
         if not cfg.learned_positions:
             full = Rotary(cfg)
             local = cfg.rope_local_theta is not None
             self._rotary = {k: Rotary(cfg, local=True) if local and k == "sliding_attention" else full
                             for k in self.kinds}
 
-    # ---- positions and masks ------------------------------------------------------------------------------------
     def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor | dict, Tensor | dict]:
         """cos, sin of shape (B, T, rotary_dim) for integer positions (B, T), angles in fp32 as transformers; dicts
         by attention kind when the kinds' RoPE differ (Gemma 3)."""

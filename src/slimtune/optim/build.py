@@ -1,5 +1,6 @@
 """The optimizer of a run: torch AdamW (fused on CUDA), AdamW with fp32 state for bf16 weights, 8-bit AdamW (torchao or
-bitsandbytes), SGD with momentum, or CPU-offloaded AdamW. `OPTIMIZERS` is the one list of their names."""
+bitsandbytes), SGD with momentum, CPU-offloaded AdamW, or GaLore (its state in a low-rank projection of the
+gradients; 8-bit with galore8bit). `OPTIMIZERS` is the one list of their names."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -9,9 +10,10 @@ from torch import nn
 
 from slimtune.errors import ConfigError
 from slimtune.optim.adamw import AdamWFp32State
+from slimtune.optim.galore import GaLoreAdamW
 from slimtune.optim.offload import CPUOffloadAdamW, param_groups
 
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "galore", "galore8bit")
 SGD_MOMENTUM = 0.9
 
 
@@ -30,13 +32,15 @@ def _adamw8bit(groups, lr: float, betas, eps: float, weight_decay: float):
 
 def make_optimizer(params: Iterable, name: str = "adamw", lr: float = 1e-4, weight_decay: float = 0.0,
                    betas: tuple[float, float] = (0.9, 0.999), fused: bool | None = None, offload: bool = False,
-                   eps: float = 1e-8, momentum: float = SGD_MOMENTUM):
+                   eps: float = 1e-8, momentum: float = SGD_MOMENTUM, stochastic_rounding: bool = False):
     """An optimizer over `params` (tensors or param groups; a group's own 'weight_decay' wins).
 
     Args:
-        name: adamw | adamw8bit | sgd. fused: torch AdamW's fused kernel (default: on when every parameter is on
+        name: adamw | adamw8bit | sgd | galore | galore8bit (GaLore projects the groups that carry `rank`, see
+            `optim.galore.galore_groups`). fused: torch AdamW's fused kernel (default: on when every parameter is on
             CUDA). offload: keep fp32 masters and states on the CPU and update there (adamw only).
-        momentum: SGD's momentum.
+        momentum: SGD's momentum. stochastic_rounding: bf16 weights take their update rounded stochastically
+            (AdamW with fp32 state, GaLore).
     Returns:
         a torch.optim.Optimizer, or a CPUOffloadAdamW (same step / zero_grad / param_groups / state_dict API). For
         adamw over parameters that are not all fp32 (bf16-true): `AdamWFp32State`.
@@ -55,9 +59,13 @@ def make_optimizer(params: Iterable, name: str = "adamw", lr: float = 1e-4, weig
         return _adamw8bit(groups, lr, betas, eps, weight_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name.startswith("galore"):
+        return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                           eight_bit=name == "galore8bit", stochastic_rounding=stochastic_rounding)
     ps = [p for g in groups for p in g["params"]]
     if any(p.dtype != torch.float32 for p in ps):
-        return AdamWFp32State(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return AdamWFp32State(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                              stochastic_rounding=stochastic_rounding)
     if fused is None:
         fused = all(p.is_cuda for p in ps)
     # capturable: its step count lives on the device, so that a training step can be replayed as a CUDA graph

@@ -129,7 +129,8 @@ def _unwrap_empty(model: nn.Module) -> None:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter `name`; layers left without adapters become their base layer again.
+    """Remove adapter `name` and everything it added: its parts of adapter layers (layers left without adapters become
+    their base layer again), and what its method added elsewhere (prompt encoders, hooks: `MethodSpec.remove`).
 
     Raises:
         ConfigError: no such adapter.
@@ -137,6 +138,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     adapters = model_adapters(model)
     if name not in adapters:
         raise ConfigError(f"no adapter named {name!r}; this model has: {', '.join(adapters) or '(none)'}")
+    spec = get_method(adapters[name].method)
+    if spec.remove is not None:
+        spec.remove(model, name, False)
     for _, m in adapter_layers(model):
         m.delete(name)
     del adapters[name]
@@ -145,6 +149,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def _unload(model: nn.Module, merge: bool) -> nn.Module:
+    active = active_adapters(model)
+    for name, cfg in model_adapters(model).items():  # what methods added outside the layers (prompt encoders ...)
+        spec = get_method(cfg.method)
+        if spec.remove is not None:
+            spec.remove(model, name, merge and name in active)
     outer = [(p, m) for p, m in iter_modules(model) if isinstance(m, AdapterLayer)]  # not those inside others
     for path, m in outer:
         replace_module(model, path, m.unloaded(merge))

@@ -31,6 +31,8 @@ METHOD_MODULES: list[str] = [
     "slimtune.peft.ptuning",
     "slimtune.peft.partial",
     "slimtune.peft.qat",
+    "slimtune.peft.longlora",
+    "slimtune.peft.relora",
 ]
 
 FILE_PREFIX = "base_model.model."  # PEFT's prefix of a module path inside adapter_model.safetensors
@@ -158,6 +160,9 @@ class MethodSpec:
         validate a file before anything is modified (and to count parameters).
     parameters(model, name): the trainable parameters of adapter `name` (what `freeze_base` leaves trainable);
         default: every parameter held under `name` by an AdapterLayer.
+    remove(model, name, merged): undo what `apply` added outside AdapterLayers (prompt encoders, attention hooks,
+        added biases, config changes), for `delete_adapter` and `unload`; `merged`: the adapter is being folded into
+        the weights (`merge_and_unload`), so what it changed in the model stays (raise ConfigError if it cannot merge).
 
     A `state_dict` that returns the live tensors (`p.detach()`, sharing storage) may leave `load_state_dict` as None:
     loading then copies each file tensor into them.
@@ -170,6 +175,7 @@ class MethodSpec:
     load_state_dict: Callable[[nn.Module, dict[str, Tensor], str], None] | None = None
     shapes: Callable[[nn.Module, Any], dict[str, tuple[int, ...]]] | None = None
     parameters: Callable[[nn.Module, str], list[nn.Parameter]] | None = None
+    remove: Callable[[nn.Module, str, bool], None] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}

@@ -17,6 +17,8 @@ from slimtune.peft.base import MethodConfig, MethodSpec, file_key, option, regis
 from slimtune.peft.layer import AdapterLayer
 from slimtune.peft.targets import find_targets
 
+_ADDED = "slimtune_bitfit_added"  # model.__dict__[_ADDED][adapter] = paths of the linears add_bias gave a bias
+
 
 @dataclass
 class BitFitConfig(MethodConfig):
@@ -75,14 +77,24 @@ def apply(model: nn.Module, cfg: BitFitConfig, name: str = "default") -> None:
         ConfigError: the model has no bias at all and add_bias is False; a target that matches nothing.
     """
     if cfg.add_bias:
+        added = model.__dict__.setdefault(_ADDED, {}).setdefault(name, [])
         for p in _missing(model, cfg):
             lin = _unwrap(model.get_submodule(p))
             w = lin.weight
             dt = w.dtype if w.is_floating_point() else torch.float32
             lin.bias = nn.Parameter(torch.zeros(lin.out_features, device=w.device, dtype=dt))
+            added.append(p)
     if not _bias_paths(model):
         raise ConfigError(f"bitfit: {type(model).__name__} has no bias terms (Llama-family models have none); "
                           "set add_bias=True (--add-bias) to give its linear layers zero biases and train those")
+
+
+def remove(model: nn.Module, name: str = "default", merged: bool = False) -> None:
+    """Take away the biases `add_bias` gave (`MethodSpec.remove`), unless `merged`: then the trained biases stay.
+    Biases the model had train in place, so they keep their trained values either way."""
+    for p in model.__dict__.get(_ADDED, {}).pop(name, []):
+        if not merged:
+            _unwrap(model.get_submodule(p)).bias = None
 
 
 def state_dict(model: nn.Module, name: str = "default") -> dict[str, Tensor]:
@@ -111,4 +123,4 @@ def shapes(model: nn.Module, cfg: BitFitConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-SPEC = register(MethodSpec("bitfit", BitFitConfig, apply, state_dict, load_state_dict, shapes, parameters))
+SPEC = register(MethodSpec("bitfit", BitFitConfig, apply, state_dict, load_state_dict, shapes, parameters, remove))

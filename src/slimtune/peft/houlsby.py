@@ -3,7 +3,9 @@ attention output projection and after the MLP of every block, y + up(act(down(y)
 
 The up-projection starts at zero, so the adapted model starts equal to the base. Both projections carry biases, which
 is how the LoRA paper counts adapters (Hu et al. 2021, Table 4: GPT-3 r = 1 -> 7.1M, r = 64 -> 304.4M, i.e.
-2 x 96 x (2 d r + r + d)). PEFT has no such method: files carry peft_type "HOULSBY" and load in slimtune only.
+2 x 96 x (2 d r + r + d)). As the paper (section 2.1: "we also train the layer normalization parameters per task"),
+the layer norms train too (`train_norms`): a trainable copy of each per adapter, as PEFT's modules_to_save. PEFT has
+no such method: files carry peft_type "HOULSBY" and load in slimtune only.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from torch import Tensor, nn
 from slimtune.errors import ConfigError
 from slimtune.peft.base import MethodConfig, MethodSpec, check_rank, file_key, option, register
 from slimtune.peft.layer import AdapterLayer
+from slimtune.peft.save_modules import (NORMS, add_modules_to_save, modules_to_save_shapes, modules_to_save_state_dict,
+                                        present_modules)
 from slimtune.peft.targets import find_targets, replace_module
 
 ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -32,12 +36,22 @@ class HoulsbyConfig(MethodConfig):
     target_modules: list[str] | str = option(default_factory=lambda: ["o_proj", "down_proj"], flat="targets")
     layers_to_transform: list[int] | int | None = option(None, cli="layers")
     non_linearity: str = "relu"
+    train_norms: bool = option(True, cli="train-norms", help="houlsby: train the layer norms too (as the paper)")
 
     def validate(self) -> None:
         check_rank(self.r, "houlsby r")
         if self.non_linearity not in ACTS:
             raise ConfigError(f"houlsby non_linearity {self.non_linearity!r} is unknown; choose one of "
                               f"{', '.join(ACTS)}")
+
+    @classmethod
+    def from_peft_json(cls, d: dict) -> "HoulsbyConfig":
+        """A file written before the layer norms trained has no train_norms and no norm tensors: read it so."""
+        return super().from_peft_json({"train_norms": False, **d})
+
+    def norms(self, model: nn.Module) -> list[str]:
+        """The norm modules this adapter trains copies of."""
+        return present_modules(model, NORMS) if self.train_norms else []
 
 
 def _out_features(layer: nn.Module) -> int:
@@ -114,24 +128,19 @@ def apply(model: nn.Module, cfg: HoulsbyConfig, name: str = "default") -> None:
             layer = HoulsbyLayer(layer)
             replace_module(model, path, layer)
         layer.add(name, cfg.r, cfg.non_linearity)
+    add_modules_to_save(model, cfg.norms(model), name)
 
 
 def state_dict(model: nn.Module, name: str = "default") -> dict[str, Tensor]:
-    """Keys 'base_model.model.<path>.adapter_down.weight' (r, d), '.bias' (r,), 'adapter_up.weight' (d, r), '.bias'."""
+    """Keys 'base_model.model.<path>.adapter_down.weight' (r, d), '.bias' (r,), 'adapter_up.weight' (d, r), '.bias';
+    and the norms' copies '<norm path>.weight' (d,); live tensors (loading copies into them)."""
     out = {}
     for p, m in _layers(model, name):
         for part in _PARTS:
             mod, t = part.split(".")
             out[file_key(p, part)] = getattr(getattr(m, mod)[name], t).detach()
+    out.update(modules_to_save_state_dict(model, name))
     return out
-
-
-@torch.no_grad()
-def load_state_dict(model: nn.Module, sd: dict[str, Tensor], name: str = "default") -> None:
-    for p, m in _layers(model, name):
-        for part in _PARTS:
-            mod, t = part.split(".")
-            getattr(getattr(m, mod)[name], t).copy_(sd[file_key(p, part)])
 
 
 def shapes(model: nn.Module, cfg: HoulsbyConfig) -> dict[str, tuple[int, ...]]:
@@ -142,7 +151,8 @@ def shapes(model: nn.Module, cfg: HoulsbyConfig) -> dict[str, tuple[int, ...]]:
         r = cfg.r
         out.update({file_key(path, "adapter_down.weight"): (r, d), file_key(path, "adapter_down.bias"): (r,),
                     file_key(path, "adapter_up.weight"): (d, r), file_key(path, "adapter_up.bias"): (d,)})
+    out.update(modules_to_save_shapes(model, cfg.norms(model)))
     return out
 
 
-SPEC = register(MethodSpec("houlsby", HoulsbyConfig, apply, state_dict, load_state_dict, shapes))
+SPEC = register(MethodSpec("houlsby", HoulsbyConfig, apply, state_dict, shapes=shapes))

@@ -128,10 +128,15 @@ def load_state_dict(model: nn.Module, sd: dict[str, Tensor], name: str = "defaul
         p.copy_(sd[FILE_PREFIX + _public(n)])
 
 
+def remove(model: nn.Module, name: str = "default", merged: bool = False) -> None:
+    """Forget adapter `name`'s selection (`MethodSpec.remove`; the parameters trained in place keep their values)."""
+    model.__dict__.get(_KEY, {}).pop(name, None)
+
+
 def shapes(model: nn.Module, cfg: PartialConfig | FullConfig) -> dict[str, tuple[int, ...]]:
     params = dict(_base_parameters(model))
     return {FILE_PREFIX + _public(n): tuple(params[n].shape) for n in select(model, cfg)}
 
 
-SPEC = register(MethodSpec("partial", PartialConfig, apply, state_dict, load_state_dict, shapes, parameters))
-FULL = register(MethodSpec("full", FullConfig, apply, state_dict, load_state_dict, shapes, parameters))
+SPEC = register(MethodSpec("partial", PartialConfig, apply, state_dict, load_state_dict, shapes, parameters, remove))
+FULL = register(MethodSpec("full", FullConfig, apply, state_dict, load_state_dict, shapes, parameters, remove))

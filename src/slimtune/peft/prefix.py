@@ -2,10 +2,11 @@
 and value vectors at every layer that every query attends to; optionally produced during training by an MLP from P
 smaller embeddings (the paper's reparameterisation), folded into plain prefixes afterwards.
 
-Enters slimtune's Decoder through each `Attention.prefix` hook. Run it with `prompt.forward_with_prompts`, which
-numbers the real tokens from P as PEFT does (the prefix keys carry no rotation, so the offset matters); a plain
-`model(...)` call numbers them from 0. File: PEFT's `prompt_embeddings` of shape
-(P, 2 L nkv hd), whose last axis is laid out as (layer, k|v, kv head, head dim), PEFT's past_key_values order.
+Enters slimtune's Decoder through each `Attention.prefix` hook, and a transformers model through its cache API (a
+`DynamicCache` holding the P prefix positions, as PEFT does). Run it with `prompt.forward_with_prompts`, which numbers
+the real tokens from P as PEFT does (the prefix keys carry no rotation, so the offset matters); a plain `model(...)`
+call numbers them from 0. File: PEFT's `prompt_embeddings` of shape (P, 2 L nkv hd), whose last axis is laid out as
+(layer, k|v, kv head, head dim), PEFT's past_key_values order.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
 from slimtune.peft.base import MethodConfig, MethodSpec, check_rank, option, register
-from slimtune.peft.prompt import get_encoder, parameters, prompt_modules
+from slimtune.peft.prompt import get_encoder, parameters, prompt_modules, word_embeddings
+from slimtune.peft.prompt import remove as remove_prompt
 
 
 @dataclass
@@ -58,6 +60,7 @@ class PrefixEncoder(nn.Module):
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         self.L, self.nkv, self.hd = L, nkv, hd
+        self.hooked = False  # True: slimtune's Attention.prefix hooks read it; False: `cache` feeds a transformers model
         width = L * 2 * nkv * hd
         if h is not None:
             self.embedding = nn.Embedding(P, d, device=device)
@@ -87,6 +90,15 @@ class PrefixEncoder(nn.Module):
         kv = kv.permute(1, 2, 0, 3)  # (2, nkv, P, hd)
         return kv[0], kv[1]
 
+    def cache(self, B: int, dtype: torch.dtype):
+        """A transformers `DynamicCache` already holding the prefix: per layer k, v (B, nkv, P, hd) in `dtype` (the
+        graph to the encoder kept, so the prefix trains through it)."""
+        from transformers import DynamicCache
+
+        kv = [self.layer_kv(i) for i in range(self.L)]
+        return DynamicCache([(k[None].expand(B, -1, -1, -1).to(dtype), v[None].expand(B, -1, -1, -1).to(dtype))
+                             for k, v in kv])
+
 
 class LayerPrefix(nn.Module):
     """The `Attention.prefix` hook of one layer: (k, v), each (B, nkv, P, hd), read from the shared encoder (held
@@ -103,33 +115,50 @@ class LayerPrefix(nn.Module):
 
 
 def _attentions(model: nn.Module) -> list[nn.Module]:
+    """slimtune's attention layers in order (none in a transformers model)."""
     from slimtune.models.attention import Attention
 
-    atts = sorted((m for m in model.modules() if isinstance(m, Attention)), key=lambda m: m.layer_idx)
-    if not atts:
-        raise ConfigError(f"prefix tuning needs slimtune's Decoder (its Attention.prefix hook); "
-                          f"{type(model).__name__} has none: load the model with slimtune or use prompt tuning")
-    return atts
+    return sorted((m for m in model.modules() if isinstance(m, Attention)), key=lambda m: m.layer_idx)
+
+
+def _dims(model: nn.Module) -> tuple[int, int, int]:
+    """(layers L, key/value heads nkv, head dim hd): from slimtune's attention layers, else from a transformers
+    model's config.
+
+    Raises:
+        ConfigError: a model with neither.
+    """
+    atts = _attentions(model)
+    if atts:
+        return len(atts), atts[0].nkv, atts[0].hd
+    mc = getattr(model, "config", None)
+    get_text = getattr(mc, "get_text_config", None)
+    mc = get_text() if get_text is not None else mc
+    L, nh = getattr(mc, "num_hidden_layers", None), getattr(mc, "num_attention_heads", None)
+    if not L or not nh:
+        raise ConfigError(f"prefix tuning needs a decoder with a KV cache: slimtune's Decoder or a transformers model "
+                          f"(num_hidden_layers, num_attention_heads in its config); {type(model).__name__} has neither")
+    nkv = getattr(mc, "num_key_value_heads", None) or nh
+    return L, nkv, getattr(mc, "head_dim", None) or mc.hidden_size // nh
 
 
 # ---- method protocol ------------------------------------------------------------------------------------------------
 def _fill(model: nn.Module, cfg: PrefixTuningConfig) -> tuple[int, int, int, int]:
-    atts = _attentions(model)
-    L, nkv, hd = len(atts), atts[0].nkv, atts[0].hd
+    L, nkv, hd = _dims(model)
     cfg.num_layers, cfg.num_attention_heads, cfg.token_dim = L, nkv, nkv * hd  # PEFT's GQA convention
     return L, nkv, hd, nkv * hd  # the MLP's input width: PEFT's token_dim
 
 
 def apply(model: nn.Module, cfg: PrefixTuningConfig, name: str = "default") -> None:
-    """Add prefix encoder `name` as model.prompt_encoder[name] and hook it into every attention layer.
+    """Add prefix encoder `name` as model.prompt_encoder[name]; hook it into every attention layer of slimtune's
+    Decoder (a transformers model gets it through its cache in `forward_with_prompts`).
 
     Raises:
-        ConfigError: a bad option; a model that is not slimtune's Decoder.
+        ConfigError: a bad option; a model that is neither slimtune's Decoder nor a transformers decoder.
     """
     cfg.validate()
     L, nkv, hd, d = _fill(model, cfg)
-    atts = _attentions(model)
-    dev = atts[0].o_proj.weight.device if hasattr(atts[0].o_proj, "weight") else None  # (Phi-3 has no q_proj)
+    dev = word_embeddings(model).weight.device
     h = (cfg.encoder_hidden_size or d) if cfg.prefix_projection else None
     enc = PrefixEncoder(cfg.num_virtual_tokens, L, nkv, hd, d, h, cfg.init_weights == "zero", device=dev)
     prompt_modules(model)[name] = enc
@@ -137,16 +166,23 @@ def apply(model: nn.Module, cfg: PrefixTuningConfig, name: str = "default") -> N
 
 
 def _hook(model: nn.Module, enc: PrefixEncoder) -> None:
-    for i, att in enumerate(_attentions(model)):
+    atts = _attentions(model)
+    for i, att in enumerate(atts):
         att.prefix = LayerPrefix(enc, i)
+    enc.hooked = bool(atts)
 
 
-def remove(model: nn.Module, name: str = "default") -> None:
-    """Unhook and delete prefix adapter `name`."""
+def remove(model: nn.Module, name: str = "default", merged: bool = False) -> None:
+    """Unhook and delete prefix adapter `name` (`MethodSpec.remove`).
+
+    Raises:
+        ConfigError: `merged` (prefixes do not fold into weights).
+    """
+    enc = get_encoder(model, name)
     for att in _attentions(model):
-        if isinstance(att.prefix, LayerPrefix) and att.prefix._encoder[0] is get_encoder(model, name):
+        if isinstance(att.prefix, LayerPrefix) and att.prefix._encoder[0] is enc:
             att.prefix = None
-    del prompt_modules(model)[name]
+    remove_prompt(model, name, merged)
 
 
 @torch.no_grad()
@@ -183,4 +219,5 @@ def shapes(model: nn.Module, cfg: PrefixTuningConfig) -> dict[str, tuple[int, ..
     return {"prompt_embeddings": (cfg.num_virtual_tokens, L * 2 * nkv * hd)}
 
 
-SPEC = register(MethodSpec("prefix", PrefixTuningConfig, apply, state_dict, load_state_dict, shapes, parameters))
+SPEC = register(MethodSpec("prefix", PrefixTuningConfig, apply, state_dict, load_state_dict, shapes, parameters,
+                           remove))

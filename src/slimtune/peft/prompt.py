@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
 from slimtune.peft.base import MethodConfig, MethodSpec, check_rank, option, register
+from slimtune.peft.layer import active_adapters
 from slimtune.train.loss import mean_lm_loss
 
 INITS = ("SAMPLE_VOCAB", "TEXT", "RANDOM")
@@ -114,6 +115,33 @@ class PromptEmbedding(nn.Module):
         return self.prompt_embeddings
 
 
+def active_prompt(model: nn.Module) -> nn.Module | None:
+    """The prompt module of the active adapter, for generation: a prepending one (`embeds()`: (n, d)) or a prefix
+    (`is_prefix`, `layer_kv(i)`); None when no prompt adapter is active.
+
+    Raises:
+        ConfigError: several prompt adapters are active.
+    """
+    mods = getattr(model, "prompt_encoder", None)
+    if not isinstance(mods, nn.ModuleDict):
+        return None
+    names = [n for n in active_adapters(model) if n in mods]
+    if len(names) > 1:
+        raise ConfigError(f"prompt adapters {', '.join(names)} are all active; generation prepends one: "
+                          "set_adapter(model, NAME) first")
+    return mods[names[0]] if names else None
+
+
+def virtual_tokens(enc: nn.Module) -> Tensor:
+    """The n virtual tokens (n, d) a prepending encoder produces, in eval mode (no dropout), without a graph."""
+    was = enc.training
+    enc.eval()
+    with torch.no_grad():
+        out = enc.embeds()
+    enc.train(was)
+    return out
+
+
 class PromptOutput(NamedTuple):
     logits: Tensor  # (B, T, vocab): the real tokens' logits, logits[:, t] predicting token t + 1 as usual
     loss: Tensor | None  # mean next-token cross entropy over labels != -100, or None without labels
@@ -130,7 +158,8 @@ def forward_with_prompts(model: nn.Module, input_ids: Tensor, attention_mask: Te
     Prepending methods (prompt, ptuning): inputs_embeds = [virtual (B, n, d); embed(input_ids) (B, T, d)], the mask
     gets n leading ones, the labels n leading -100 (PEFT's layout, so the loss equals PEFT's), and the first n logits
     are dropped. Prefix tuning: the prefix enters through every layer's attention hook, the positions of the real
-    tokens start at P (as PEFT's prefix in the KV cache).
+    tokens start at P (as PEFT's prefix in the KV cache); on a transformers model the prefix enters as a filled
+    `DynamicCache` and an attention mask with P leading ones (PEFT's way).
 
     Args:
         input_ids: (B, T); attention_mask: (B, T) 1 = real token; labels: (B, T), -100 = ignored.
@@ -141,7 +170,13 @@ def forward_with_prompts(model: nn.Module, input_ids: Tensor, attention_mask: Te
     """
     enc = get_encoder(model, name)
     B, T = input_ids.shape
-    if getattr(enc, "is_prefix", False):
+    if getattr(enc, "is_prefix", False) and not enc.hooked:  # a transformers model: the prefix as a filled cache
+        P = enc.num_virtual_tokens
+        am = attention_mask if attention_mask is not None else input_ids.new_ones(B, T)
+        cache = enc.cache(B, word_embeddings(model).weight.dtype)
+        logits = _logits(model(input_ids, attention_mask=torch.cat([am.new_ones(B, P), am], 1), past_key_values=cache))
+        full_labels = labels
+    elif getattr(enc, "is_prefix", False):
         P = enc.num_virtual_tokens
         if attention_mask is not None:
             pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0) + P
@@ -239,8 +274,25 @@ def load_state_dict(model: nn.Module, sd: dict[str, Tensor], name: str = "defaul
     get_encoder(model, name).prompt_embeddings.copy_(sd["prompt_embeddings"])
 
 
+def remove(model: nn.Module, name: str = "default", merged: bool = False) -> None:
+    """Delete prompt module `name`, and `model.prompt_encoder` once it holds none (`MethodSpec.remove`).
+
+    Raises:
+        ConfigError: `merged`: virtual tokens do not fold into weights (use unload or delete_adapter).
+    """
+    if merged:
+        raise ConfigError("prompt, prefix and P-tuning adapters cannot be merged into the weights; use unload or "
+                          "delete_adapter")
+    mods = prompt_modules(model)
+    if name in mods:
+        del mods[name]
+    if not len(mods):
+        del model.prompt_encoder
+
+
 def shapes(model: nn.Module, cfg: PromptTuningConfig) -> dict[str, tuple[int, ...]]:
     return {"prompt_embeddings": (cfg.num_virtual_tokens, cfg.token_dim or word_embeddings(model).embedding_dim)}
 
 
-SPEC = register(MethodSpec("prompt", PromptTuningConfig, apply, state_dict, load_state_dict, shapes, parameters))
+SPEC = register(MethodSpec("prompt", PromptTuningConfig, apply, state_dict, load_state_dict, shapes, parameters,
+                           remove))

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from slimtune.errors import ConfigError
 from slimtune.peft.base import MethodConfig, MethodSpec, check_rank, option, register
-from slimtune.peft.prompt import PromptEmbedding, fill_dims, get_encoder, parameters, prompt_modules, word_embeddings
+from slimtune.peft.prompt import (PromptEmbedding, fill_dims, get_encoder, parameters, prompt_modules, remove,
+                                  word_embeddings)
 
 ENCODERS = ("MLP", "LSTM")
 
@@ -137,4 +138,5 @@ def shapes(model: nn.Module, cfg: PTuningConfig) -> dict[str, tuple[int, ...]]:
     return {"prompt_embeddings": (cfg.num_virtual_tokens, cfg.token_dim or word_embeddings(model).embedding_dim)}
 
 
-SPEC = register(MethodSpec("ptuning", PTuningConfig, apply, state_dict, load_state_dict, shapes, parameters))
+SPEC = register(MethodSpec("ptuning", PTuningConfig, apply, state_dict, load_state_dict, shapes, parameters,
+                           remove))

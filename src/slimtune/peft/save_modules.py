@@ -11,6 +11,16 @@ from slimtune.peft.base import file_key
 from slimtune.peft.layer import AdapterLayer
 from slimtune.peft.targets import find_targets, replace_module
 
+# the layer norms of a Llama-family decoder (slimtune's and transformers' names): before attention, before the MLP,
+# and the final one. As `modules_to_save` names, which PEFT matches as suffixes of module paths.
+NORMS = ("input_layernorm", "post_attention_layernorm", "model.norm")
+
+
+def present_modules(model: nn.Module, names: tuple[str, ...] | list[str]) -> list[str]:
+    """Those of `names` that name a module of `model` (the whole path, or its end after a dot)."""
+    paths = [n for n, _ in model.named_modules()]
+    return [k for k in names if any(p == k or p.endswith("." + k) for p in paths)]
+
 
 class ModulesToSave(AdapterLayer):
     """PEFT's `modules_to_save`: a full trainable copy of a module per adapter (e.g. a classification head); the
@@ -24,6 +34,14 @@ class ModulesToSave(AdapterLayer):
 
     def add(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.base_layer).train(self.training)
+
+    @property
+    def weight(self) -> Tensor:
+        """The weight forward uses (the active copy's, else the base's): code reading `embed_tokens.weight` works."""
+        return self._current().weight
+
+    def _current(self) -> nn.Module:
+        return self.base_layer if self.disabled or not self.active else self.modules_to_save[self.active[0]]
 
     def forward(self, *args: Any, **kw: Any) -> Any:
         if self.disabled or not self.active:

@@ -77,6 +77,10 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Prec
         model, _ = load_model(cfg.model, dtype=prec.weight_dtype if full else prec.frozen_dtype, device=device)
     if is_transformers_model(model) and cfg.packing:
         check_packing(model)
+    if cfg.from_scratch:
+        from slimtune.models.decoder import init_weights
+
+        init_weights(model, cfg.seed)
     if full:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -111,18 +115,22 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig):
-    """The optimizer over the trainable parameters; weight decay on matrices only (not norms, biases)."""
+    """The optimizer over the trainable parameters; weight decay on matrices only (not norms, biases); with GaLore
+    the block matrices in a projected group (`optim.galore.galore_groups`)."""
     from slimtune.optim.build import decay_groups, make_optimizer
+    from slimtune.optim.galore import galore_groups
 
-    return make_optimizer(decay_groups(model, cfg.weight_decay), cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas),
-                          weight_decay=cfg.weight_decay, offload=cfg.offload_optimizer)
+    groups = galore_groups(model, cfg.weight_decay, cfg.galore_rank, cfg.galore_update_interval, cfg.galore_scale) \
+        if "galore" in cfg.optimizer else decay_groups(model, cfg.weight_decay)
+    return make_optimizer(groups, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                          offload=cfg.offload_optimizer, stochastic_rounding=cfg.stochastic_rounding)
 
 
 def predict_memory(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) -> dict | None:
     """Before anything is loaded on a GPU: the step's predicted peak (`slimtune.memory.estimate`) against the free
     memory, and a warning with the planner's command when it will not fit. None where the estimator has no model of
     the method (full, lora, dora and qlora are modelled)."""
-    if device.type != "cuda" or cfg.method not in ("full", "lora", "dora", "qlora"):
+    if device.type != "cuda" or cfg.method not in ("full", "lora", "dora", "qlora") or "galore" in cfg.optimizer:
         return None
     from slimtune.io.hub import resolve
     from slimtune.memory.estimate import EstimateInput, estimate

@@ -2,7 +2,8 @@
 the data position. Tensors go into safetensors, everything else into JSON (no pickle).
 
 Layout of `out_dir/checkpoints/step-N/`: `weights.safetensors` (trainable parameters by module path),
-`state.safetensors` (optimizer tensors `optim.<param index>.<key>`, RNG states `rng.*`), `state.json` (the rest).
+`state.safetensors` (optimizer tensors `optim.<param index>.<key>`, RNG states `rng.*`, a run's other tensors
+`extra.*`, e.g. ReLoRA's merged base weights), `state.json` (the rest).
 Each is written into a temporary folder, fsynced, and renamed into place, so a kill at any moment leaves every
 earlier checkpoint whole; only the last `keep_last` are kept.
 """
@@ -122,13 +123,14 @@ def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], scaler: "torch.amp.GradScaler | None" = None,
-                    keep_last: int = 2) -> Path:
+                    keep_last: int = 2, extra: dict[str, Tensor] | None = None) -> Path:
     """Write out_dir/checkpoints/step-<step> atomically and prune older ones down to `keep_last`.
 
     Args:
         state: JSON-serialisable run state (data position, scheduler step, counters, the config); RNG states,
             the scaler state and the step are added here.
         keep_last: checkpoints kept (0 keeps all).
+        extra: other tensors of the run (`load_checkpoint` returns them as state['extra']).
     Returns:
         The checkpoint folder.
     """
@@ -141,7 +143,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer:
 
     def fill(tmp: Path) -> None:
         write_tensors(trainable_state(model), tmp / "weights.safetensors")
-        write_tensors({**opt_t, **rng_t}, tmp / "state.safetensors")
+        ext = {f"extra.{k}": v.detach().to("cpu").contiguous() for k, v in (extra or {}).items()}
+        write_tensors({**opt_t, **rng_t, **ext}, tmp / "state.safetensors")
         full = {"format": FORMAT, "step": step, **state, "optimizer": opt_js, "rng": rng_js,
                 "scaler": scaler.state_dict() if scaler is not None else None}
         write_json(full, tmp / "state.json")  # last: its presence marks a complete folder
@@ -172,7 +175,8 @@ def find_checkpoint(out_dir: str | Path, resume: str) -> Path | None:
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: "torch.amp.GradScaler | None" = None) -> dict[str, Any]:
-    """Restore weights, optimizer, scaler and RNGs from a checkpoint folder; return its JSON state (step, data, ...).
+    """Restore weights, optimizer, scaler and RNGs from a checkpoint folder; return its JSON state (step, data, ...)
+    with the run's extra tensors under 'extra'.
 
     Raises:
         CheckpointError: missing or damaged files, or trainable parameters that differ from the checkpoint's
@@ -205,4 +209,5 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"], tensors)
+    state["extra"] = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return state

@@ -26,7 +26,8 @@ from slimtune.train.keys import alias_map, resolve_key, unknown_key_hint
 # options that must match are declared by the methods themselves (`option(..., resume=True)`)
 RESUME_KEYS = ("model", "method", "method_args", "quant", "data", "data_format", "template", "train_on_prompt",
                "max_length", "packing", "precision", "base_dtype", "batch_size", "grad_accum", "lr", "min_lr",
-               "warmup_steps", "warmup_ratio", "schedule", "weight_decay", "betas", "optimizer", "seed")
+               "warmup_steps", "warmup_ratio", "schedule", "weight_decay", "betas", "optimizer", "seed", "from_scratch",
+               "galore_rank", "galore_update_interval", "galore_scale", "stochastic_rounding")
 
 # other spellings of run keys, as torchtune, axolotl, transformers' TrainingArguments and TRL write them (same meaning
 # and values): read as the key, never written back. Method options declare theirs on their field
@@ -59,6 +60,7 @@ class TrainConfig:
 
     # ---- model and method
     model: str = "builtin"  # a Hugging Face folder, a hub id, or 'builtin' (the tiny built-in model)
+    from_scratch: bool = False  # pre-training: the model's architecture with fresh random weights (seeded by `seed`)
     tokenizer: str | None = None  # default: the model's
     method: str = "lora"  # lora, dora, qlora, ia3, prefix, prompt, houlsby, bitfit, partial, full, ...
     # the methods' flat options (rank, alpha, dropout, targets, use_dora, use_rslora, num_virtual_tokens, ...: see
@@ -99,8 +101,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: float = 1.0  # 0 disables clipping
-    optimizer: str = "adamw"  # adamw, adamw8bit, sgd
+    optimizer: str = "adamw"  # adamw, adamw8bit, sgd, galore, galore8bit
     offload_optimizer: bool = False
+    galore_rank: int = 128  # GaLore: rank of the gradient projection of each block matrix
+    galore_update_interval: int = 200  # GaLore: steps between recomputing the projections (an SVD per matrix)
+    galore_scale: float = 0.25  # GaLore: the projected step is scaled by this (the paper's alpha)
+    stochastic_rounding: bool = False  # bf16-true: round each weight update to bf16 stochastically (unbiased)
     # ---- evaluation, checkpoints, logging
     eval_every: int = 0  # steps; 0: only before and after training
     eval_batches: int | None = None  # cap on validation batches per evaluation
@@ -150,6 +156,12 @@ class TrainConfig:
         if not self.data:
             raise ConfigError("no training data: set data=PATH (a .json, .jsonl or .parquet file, a folder of them, or a "
                               "datasets save_to_disk folder)")
+        if self.stochastic_rounding and self.precision != "bf16-true":
+            raise ConfigError(f"stochastic_rounding rounds bf16 weights (precision=bf16-true), not {self.precision}; "
+                              "fix: set precision=bf16-true or stochastic_rounding=false")
+        if self.from_scratch and self.method == "qlora":
+            raise ConfigError("from_scratch with method=qlora would quantize random weights; fix: method=full, "
+                              "relora or lora")
 
     def __getattr__(self, name: str) -> Any:
         # a flat method option (cfg.rank, cfg.targets): its value, None when unset

@@ -44,6 +44,10 @@ def supported(model: nn.Module, optimizer, scaler, device: torch.device, offload
         return "prompt methods"
     if is_transformers_model(model):
         return "transformers' own implementation (the fallback)"
+    if any(getattr(m, "s2_group", None) for m in model.modules()):
+        return "S^2-Attn (LongLoRA): not yet checked under capture"
+    if (getattr(getattr(model, "config", None), "rope_scaling", None) or {}).get("rope_type") == "dynamic":
+        return "dynamic NTK RoPE reads the longest position on the host"
     return None
 
 

@@ -28,6 +28,7 @@ from slimtune.train.evaluate import evaluate
 from slimtune.train.graphed import GraphedStep
 from slimtune.train.graphed import supported as graph_supported
 from slimtune.train.metrics import MetricsLogger, plot_losses, truncate_metrics
+from slimtune.train.relora import make_restarts
 from slimtune.train.step import TrainingError, train_step
 
 
@@ -87,6 +88,7 @@ class Run:
             f"{self.device}")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg)
+        self.relora = make_restarts(self.model, self.optimizer)  # ReLoRA's merges and restarts, else None
         self.scaler = self.prec.make_scaler(self.device.type)
         self.graphed = self._graphed()
         self.it = DataIterator(self.train_ds, cfg.batch_size, seed=cfg.seed)
@@ -99,7 +101,7 @@ class Run:
             self.metrics_path.unlink(missing_ok=True)
         else:
             truncate_metrics(self.metrics_path, self.step)
-        self.logger = MetricsLogger(self.out, cfg.log_tensorboard)
+        self.logger = MetricsLogger(self.out, cfg.log_tensorboard, purge_step=self.step + 1 if self.step else None)
         self.t_train, self.tok_done, self.last = 0.0, 0, {}
 
     def _graphed(self) -> GraphedStep | None:
@@ -125,14 +127,17 @@ class Run:
         state = load_checkpoint(ckpt, self.model, self.optimizer, self.scaler)
         self.it.load_state_dict(state["data"])
         self.step, self.last_ckpt = int(state["step"]), ckpt
+        if self.relora is not None:
+            self.relora.load_state_tensors(state["extra"], self.step)
         self.log(f"resumed from {ckpt} at step {self.step}")
 
     # ---- pieces of the run --------------------------------------------------------------------------------------
     def checkpoint(self) -> Path:
         state = {"data": self.it.state_dict(), "config": self.cfg.to_dict(),
                  "scheduler": {"step": self.step, "total": self.total}}
+        extra = self.relora.state_tensors() if self.relora is not None else None
         return save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.scaler,
-                               self.cfg.keep_last)
+                               self.cfg.keep_last, extra)
 
     def run_eval(self) -> dict[str, float] | None:
         if self.val_ds is None:
@@ -147,6 +152,8 @@ class Run:
         cfg = self.cfg
         warmup = warmup_count(cfg.warmup_steps, cfg.warmup_ratio, self.total)
         lr = lr_at(self.step, cfg.lr, self.total, warmup, cfg.schedule, cfg.min_lr)
+        if self.relora is not None:
+            lr *= self.relora.lr_factor(self.step)
         if self.graphed is None:  # (the graphed step sets its own device-side learning rate)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
@@ -173,6 +180,8 @@ class Run:
                "epoch": self.it.epoch}
         if self.scaler is not None:
             row.update(skipped=res["skipped"], loss_scale=self.scaler.get_scale())
+        if self.relora is not None and self.relora.after_step(self.step):
+            row["relora_restart"] = self.relora.restarts
         if self.step % cfg.log_every == 0 or self.step == self.total:
             self.logger.log(row)
         self.last = row
@@ -261,17 +270,19 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
     final = None
     if cfg.save_final and not interrupted:
         final = save_result(run.model, cfg, run.tokenizer, run.out)
-        log(f"saved {'model' if cfg.method == 'full' else 'adapter'} to {final}")
+        log(f"saved {'model' if cfg.method in ('full', 'relora') else 'adapter'} to {final}")
     return run.summary(val_before, val_after, interrupted, final, plot)
 
 
 def save_result(model: nn.Module, cfg: TrainConfig, tokenizer, out: Path) -> Path:
-    """out/adapter (PEFT format: adapter_config.json + adapter_model.safetensors) or, for full fine-tuning, out/model
-    (a Hugging Face folder with the tokenizer)."""
-    if cfg.method == "full":
+    """out/adapter (PEFT format: adapter_config.json + adapter_model.safetensors) or, for full fine-tuning and ReLoRA
+    (merged first), out/model (a Hugging Face folder with the tokenizer)."""
+    if cfg.method in ("full", "relora"):
         from slimtune.models.save import save_model
+        from slimtune.peft.api import merge_and_unload
 
-        return save_model(model, out / "model", tokenizer=tokenizer)
+        return save_model(merge_and_unload(model) if cfg.method == "relora" else model, out / "model",
+                          tokenizer=tokenizer)
     from slimtune.peft.files import save_adapter
 
     return save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model)

@@ -57,9 +57,11 @@ def plot_losses(metrics_path: Path, png: Path) -> Path | None:
 
 
 class MetricsLogger:
-    """metrics.jsonl (appended and flushed line by line), optional TensorBoard."""
+    """metrics.jsonl (appended and flushed line by line), optional TensorBoard scalars in out/tensorboard (flushed
+    row by row too, so a killed run's events are complete). `purge_step`: a resumed run logs again from this step;
+    TensorBoard hides the earlier run's events from it on (as `truncate_metrics` does for metrics.jsonl)."""
 
-    def __init__(self, out: Path, tensorboard: bool) -> None:
+    def __init__(self, out: Path, tensorboard: bool, purge_step: int | None = None) -> None:
         self.path = out / "metrics.jsonl"
         self.f = open(self.path, "a")
         self.tb = None
@@ -69,7 +71,7 @@ class MetricsLogger:
             except ImportError:
                 raise ConfigError("log_tensorboard=true needs the tensorboard package; fix: pip install tensorboard"
                                   ) from None
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
 
     def log(self, row: dict[str, Any]) -> None:
         self.f.write(json.dumps(row) + "\n")
@@ -78,6 +80,7 @@ class MetricsLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, row["step"])
+            self.tb.flush()
 
     def close(self) -> None:
         self.f.close()
