@@ -6,6 +6,7 @@ decoding gives the same ids as `transformers.generate`.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,10 +31,33 @@ class SamplingConfig:
     seed: int | None = None
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise SlimtuneError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
-            raise SlimtuneError("sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0")
+        """Raises SlimtuneError naming the first setting out of range (NaN and inf included)."""
+        t, p, r = self.temperature, self.top_p, self.repetition_penalty
+        checks = [("max_new_tokens", self.max_new_tokens >= 1, "an integer >= 1"),
+                  ("temperature", math.isfinite(t) and t >= 0, "a finite number >= 0 (0: greedy)"),
+                  ("top_p", 0 < p <= 1, "in (0, 1] (1: off)"), ("top_k", self.top_k >= 0, ">= 0 (0: off)"),
+                  ("repetition_penalty", math.isfinite(r) and r > 0, "a finite number > 0 (1: off)")]
+        for name, ok, want in checks:
+            if not ok:
+                raise SlimtuneError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range; fix: give "
+                                    f"{want}")
+
+
+def check_prompt_lengths(lengths: list[int], max_new_tokens: int, context: int) -> None:
+    """Every prompt must hold a token, and prompt + new tokens must fit the model's context.
+
+    Raises:
+        SlimtuneError: naming the prompt, its length, the context (max_position_embeddings) and the fix.
+    """
+    for i, n in enumerate(lengths):
+        if n == 0:
+            raise SlimtuneError(f"--prompt number {i + 1} is empty (0 tokens); fix: give some text")
+        if n > context:
+            raise SlimtuneError(f"--prompt number {i + 1} is {n} tokens, longer than the model's context of {context} "
+                                "(max_position_embeddings); fix: shorten it")
+        if n + max_new_tokens > context:
+            raise SlimtuneError(f"--prompt number {i + 1} ({n} tokens) + --max-new-tokens {max_new_tokens} exceeds "
+                                f"the model's context of {context}; fix: --max-new-tokens {context - n} or less")
 
 
 def process_logits(logits: Tensor, seen: Tensor, sc: SamplingConfig) -> Tensor:
@@ -123,6 +147,9 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, sc:
     am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     padded = bool((am == 0).any())
     logits = model(input_ids, attention_mask=am if padded else None, cache=cache)[:, -1].float()
+    if not bool(torch.isfinite(logits).all()):
+        raise SlimtuneError("the model's logits are NaN or inf on this prompt: its weights (or the adapter's) are "
+                            "damaged or overflow in this dtype; fix: --dtype fp32, or a good checkpoint")
     graph = GraphStep(model, cache) if (input_ids.is_cuda if cuda_graph is None else cuda_graph) else None
     slots = torch.zeros(B, T + sc.max_new_tokens, dtype=torch.long, device=input_ids.device)
     slots[:, :T] = am
@@ -187,6 +214,7 @@ def generate_text(model, tokenizer, prompts: list[str], sc: SamplingConfig | Non
     """
     sc = sc or SamplingConfig()
     ids = encode_prompts(tokenizer, prompts, chat, system)
+    check_prompt_lengths([len(x) for x in ids], sc.max_new_tokens, model.config.max_position_embeddings)
     dev = model.model.embed_tokens.weight.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     T = max(len(x) for x in ids)

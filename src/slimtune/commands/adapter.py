@@ -35,8 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from slimtune.quant.qlora import detect_quant, merge_qlora
 
     if args.qlora or args.quant or detect_quant(args.adapter):
+        from slimtune.train.build import pick_device
+
         rep = merge_qlora(args.model, args.adapter, args.out, dtype="bf16" if args.dtype == "auto" else args.dtype,
-                          quant=args.quant, device=args.device)
+                          quant=args.quant, device=pick_device(args.device))
         if args.json:
             print(json.dumps(rep.to_dict()))
         else:
@@ -51,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
     load_adapter(model, args.adapter)
     merge_and_unload(model)
     dtype = args.dtype
-    if dtype == "auto":  # the dtype config.json declares (load_model was told fp32)
+    if dtype == "auto":  # the float dtype config.json declares (load_model was told fp32); never a name from a file
         declared = (cfg.hf or {}).get("dtype") or (cfg.hf or {}).get("torch_dtype") or "float32"
-        dtype = getattr(torch, str(declared), torch.float32)
+        dtype = cfg.replace(dtype=str(declared)).torch_dtype
     builtin = str(args.model) in BUILTIN_NAMES
     out = save_model(model, args.out, dtype=dtype, force=args.force,
                      tokenizer=builtin_tokenizer() if builtin else None,

@@ -7,6 +7,7 @@ Unknown keys, missing weights and out-of-range values are refused with one line 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,8 +144,8 @@ def _check_range(k: str, x: Any, where: str, source: str) -> None:
         if not isinstance(x, bool):
             raise ConfigError(f"{source}: {where} must be true or false, got {x!r}")
         return
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise ConfigError(f"{source}: {where} must be a number, got {x!r}")
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise ConfigError(f"{source}: {where} must be a finite number, got {x!r}")
     if k == "t" and not 0 <= x <= 1:
         raise ConfigError(f"{source}: {where} = {x} is outside [0, 1] (0 gives the base model, 1 the other)")
     if k == "density" and not 0 < x <= 1:
@@ -264,4 +265,8 @@ def load_config(path: str | Path) -> MergeConfig:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read; fix: write a plain mergekit config") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a YAML text file ({type(e).__name__})") from None
     return parse_config(d, str(path))

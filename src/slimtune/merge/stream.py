@@ -21,12 +21,14 @@ from slimtune.io.safetensors import DEFAULT_SHARD, ST_DTYPES, TensorLoc, read_te
 from slimtune.models.load import IGNORED_SUFFIXES
 from slimtune.models.save import copy_tokenizer_files
 from slimtune.precision.formats import parse_dtype
-from slimtune.precision.guard import check_cast
+from slimtune.io.jsonfile import read_json
+from slimtune.precision.guard import check_cast, check_finite
 from slimtune.errors import CheckpointError, ConfigError
 from slimtune.merge import methods as M
 from slimtune.merge.config import MergeConfig
 from slimtune.merge.lora import Lora, load_lora, write_adapter
 
+NOT_WRITTEN = "the merge would write NaN or inf (a NaN input, or a weight of NaN / inf); nothing was written"
 CHUNK_ELEMS = 2**23  # rows are read and merged in chunks of about this many elements (32 MiB in fp32)
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "tie_word_embeddings")
@@ -61,12 +63,9 @@ class Plan:
 
 def _open(path: str, label: str, cfg_source: str) -> tuple[Path, dict, dict[str, TensorLoc]]:
     folder = _find(path, cfg_source)
-    try:
-        hf = json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{label}: {folder} has no config.json; pass a Hugging Face model folder") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{label}: {folder}/config.json is not valid JSON (line {e.lineno})") from None
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"{label}: {folder} has no config.json; pass a Hugging Face model folder")
+    hf = read_json(folder / "config.json")
     index = {k: v for k, v in tensor_index(folder).items() if not k.endswith(IGNORED_SUFFIXES)}
     return folder, hf, index
 
@@ -191,6 +190,9 @@ def merge_tensor(plan: Plan, name: str, seed: int, chunk: int = CHUNK_ELEMS):
     if method == "linear":
         w = [cfg.value("weight", name, L, i) for i in members]
         norm = cfg.value("normalize", name, L)
+        if norm and abs(sum(w)) < 1e-8:
+            raise ConfigError(f"{cfg.source}: the weights for {name} sum to {sum(w):g}, and normalize divides by "
+                              "that sum; fix: weights that do not cancel, or normalize: false")
         for s in spans:
             yield M.linear(load(s)[1], w, norm)
         return
@@ -337,6 +339,7 @@ def merge(cfg: MergeConfig, out: str | Path, seed: int = 0, shard_size: int = DE
                         writer.write(n, read_tensor(loc))
                     else:
                         for c in merge_tensor(plan, n, seed, chunk):
+                            check_finite(n, c, fix=NOT_WRITTEN)
                             if dt != torch.float32:
                                 check_cast(n, c, dt)
                             writer.write(n, c.to(dt))

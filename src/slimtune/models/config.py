@@ -7,7 +7,6 @@ GPT-3 175B can be built on the meta device and counted.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,8 @@ from typing import Any
 import torch
 
 from slimtune.errors import CheckpointError
+from slimtune.io.jsonfile import read_json
+from slimtune.models.validate import check_hf_config
 from slimtune.precision.formats import DTYPES, FLOAT_NAMES, short_name
 
 # model_type -> the transformers class name written in `architectures`
@@ -95,6 +96,7 @@ class ModelConfig:
         if mt not in ARCHITECTURES:
             raise CheckpointError(f"{source}: model_type {mt!r} is not supported; supported architectures: "
                                   f"{', '.join(ARCHITECTURES)} ({', '.join(ARCHITECTURES.values())})")
+        check_hf_config(d, source)
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", None) or d.get("rope_theta", 10000.0)
         if "type" in rope and "rope_type" not in rope:
@@ -123,14 +125,10 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
+        if not path.exists():
             raise CheckpointError(f"{path}: config.json not found; a Hugging Face model folder holds config.json "
-                                  "and *.safetensors") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        return cls.from_hf(d, source=str(path))
+                                  "and *.safetensors")
+        return cls.from_hf(read_json(path), source=str(path))
 
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` dict that transformers (4.x and 5.x) loads: the original keys, updated with ours."""

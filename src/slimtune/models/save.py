@@ -13,8 +13,9 @@ from torch import Tensor, nn
 from slimtune.io.folders import write_folder_atomically
 from slimtune.io.safetensors import DEFAULT_SHARD, save_state_dict
 from slimtune.precision.formats import dtype_name, parse_dtype
-from slimtune.precision.guard import check_cast
+from slimtune.precision.guard import check_cast, check_finite, require_float
 
+NOT_WRITTEN = "nothing was written; the weights are damaged (a diverged run or a bad merge)"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
@@ -62,11 +63,15 @@ def save_model(model, path: str | Path, dtype: str | torch.dtype | None = None,
         tokenizer: a transformers tokenizer to save beside, or tokenizer_dir: a folder whose tokenizer files to copy.
         force: cast even where the precision guard refuses.
     Raises:
-        PrecisionError: a tensor `dtype` cannot hold (unless force).
+        PrecisionError: a tensor holding NaN or inf, a non-float dtype, a tensor `dtype` cannot hold (unless force);
+            all checked before anything is written.
     """
     dtype = parse_dtype(dtype)
+    if dtype is not None:
+        require_float(dtype, "--dtype")
     sd = _cpu_state(model)
     for k, t in sd.items():
+        check_finite(k, t, fix=NOT_WRITTEN)
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             if not force:
                 check_cast(k, t, dtype)
@@ -82,4 +87,7 @@ def save_quantized(model: nn.Module, out: str | Path, qcfg: dict[str, Any], toke
     buffers (4-bit layers in bitsandbytes' key layout), the other tensors as they are, the tokenizer; atomically."""
     hf = model.config.replace(dtype=dtype_name(model.model.embed_tokens.weight.dtype)).to_hf()
     hf["quantization_config"] = qcfg
-    return write_model_folder(out, hf, _cpu_state(model), tokenizer=tokenizer, tokenizer_dir=tokenizer_dir)
+    sd = _cpu_state(model)
+    for k, t in sd.items():
+        check_finite(k, t, fix=NOT_WRITTEN)
+    return write_model_folder(out, hf, sd, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,14 +90,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check value ranges and choices; raises ConfigError (one line naming the key and the fix)."""
+        for key, value in self.to_dict().items():
+            check_finite_numbers(key, value)
         choices = {"precision": PRECISIONS, "schedule": SCHEDULES, "optimizer": OPTIMIZERS,
                    "base_dtype": BASE_DTYPES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        for key in ("batch_size", "grad_accum", "max_length", "log_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key, low in (("batch_size", 1), ("grad_accum", 1), ("max_length", 2), ("log_every", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"{key} must be >= {low}, got {getattr(self, key)}")
         for key in ("warmup_steps", "eval_every", "save_every", "keep_last", "lr", "min_lr", "weight_decay",
                     "max_grad_norm"):
             if getattr(self, key) < 0:
@@ -105,8 +108,13 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.max_steps is None and self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
-        if len(self.betas) != 2:
-            raise ConfigError(f"betas needs two numbers, e.g. [0.9, 0.999], got {self.betas}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas needs two numbers in [0, 1), e.g. [0.9, 0.999], got {self.betas}")
+        for key in ("data_limit", "eval_batches"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1 (or null for no limit), got {getattr(self, key)}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.grad_ckpt not in CKPT_MODES:
             raise ConfigError(f"grad_ckpt={self.grad_ckpt!r} is not one of true, false, offload")
         if not self.data:
@@ -129,6 +137,20 @@ class TrainConfig:
             else:
                 out[k] = v
         return out
+
+
+def check_finite_numbers(key: str, value: Any) -> None:
+    """Every float in a config value (lists and mappings included) must be finite: YAML reads .nan / .inf / 1e400.
+
+    Raises:
+        ConfigError: naming the key and the value.
+    """
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+    for v in items:
+        if isinstance(v, (dict, list, tuple)):
+            check_finite_numbers(key, v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key}={value!r} is not a finite number; fix: give {key} a finite value")
 
 
 def flat_options() -> dict[str, DeclaredOption]:
@@ -212,7 +234,7 @@ def _parse_scalar(text: str) -> Any:
 
     try:
         return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return text
 
 
@@ -266,6 +288,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             mark = getattr(e, "problem_mark", None)
             at = f" line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{p}:{at} not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        except (RecursionError, UnicodeDecodeError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else "not UTF-8 text"
+            raise ConfigError(f"{p}: {why} to read as a config; fix: one 'key: value' per line") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping of key: value lines, got a {type(data).__name__}")
         for k, v in data.items():

@@ -4,7 +4,6 @@ stops without saving. `train(cfg)` runs a whole fine-tuning; `Run` holds one whi
 """
 from __future__ import annotations
 
-import json
 import random
 import signal
 import threading
@@ -17,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimtune.errors import ConfigError
+from slimtune.errors import ConfigError, PrecisionError, StorageError
 from slimtune.optim.schedules import lr_at, total_steps
 from slimtune.train.build import build_data, build_model, build_optimizer, pick_device, predict_memory
-from slimtune.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from slimtune.train.checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from slimtune.train.config import TrainConfig, resume_keys, save_config
 from slimtune.train.evaluate import evaluate
 from slimtune.train.metrics import MetricsLogger, plot_losses, truncate_metrics
@@ -64,7 +63,8 @@ class Run:
         from slimtune.models.tokenizer import load_tokenizer
 
         self.cfg, self.log, self.out = cfg, log, Path(cfg.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"out_dir={self.out} is a file; fix: choose a folder for the run's outputs")
         seed_everything(cfg.seed)
         self.device = pick_device(cfg.device)
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
@@ -86,6 +86,7 @@ class Run:
         self.total = total_steps(cfg.max_steps, cfg.epochs, self.it.batches_per_epoch, cfg.grad_accum)
         self.step, self.last_ckpt = 0, None
         self._resume()  # before anything is written, so a refused resume changes nothing on disk
+        self.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out / "config.yaml")
         self.metrics_path = self.out / "metrics.jsonl"
         if self.step == 0:
@@ -102,18 +103,35 @@ class Run:
         if ckpt is None:
             self.log(f"resume=latest: no checkpoint in {self.out / 'checkpoints'} yet; starting from step 0")
             return
-        check_resume(json.loads((ckpt / "state.json").read_text()).get("config", {}), self.cfg, ckpt)
+        check_resume(read_state(ckpt)["config"], self.cfg, ckpt)
         state = load_checkpoint(ckpt, self.model, self.optimizer, self.scaler)
         self.it.load_state_dict(state["data"])
         self.step, self.last_ckpt = int(state["step"]), ckpt
         self.log(f"resumed from {ckpt} at step {self.step}")
 
     # ---- pieces of the run --------------------------------------------------------------------------------------
+    def stopped(self) -> str:
+        """Where the run can go on from, for the message of an error that stops it."""
+        return f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved yet"
+
     def checkpoint(self) -> Path:
+        """Save a checkpoint of the current step; one whose weights or optimizer state are not finite is refused.
+
+        Raises:
+            TrainingError: NaN / inf in a trainable weight or the optimizer state (nothing written).
+            StorageError: the disk refused the write (the earlier checkpoints stay whole).
+        """
         state = {"data": self.it.state_dict(), "config": self.cfg.to_dict(),
                  "scheduler": {"step": self.step, "total": self.total}}
-        return save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.scaler,
-                               self.cfg.keep_last)
+        try:
+            return save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.scaler,
+                                   self.cfg.keep_last)
+        except PrecisionError as e:
+            raise TrainingError(f"step {self.step}: {e}; the run stopped, {self.stopped()}; fix: lower lr (now "
+                                f"{self.cfg.lr:g}), raise warmup_steps or set max_grad_norm") from None
+        except StorageError as e:
+            raise StorageError(f"checkpoint of step {self.step} not written: {e}; {self.stopped()}, continue "
+                               "from it with resume=latest") from None
 
     def run_eval(self) -> dict[str, float] | None:
         if self.val_ds is None:
@@ -134,8 +152,7 @@ class Run:
             res = train_step(self.model, micro, self.optimizer, self.scaler, self.prec, self.device,
                              cfg.max_grad_norm, self.params, cfg.offload_activations)
         except TrainingError as e:
-            where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved yet"
-            raise TrainingError(f"step {self.step + 1}: {e}; the run stopped, {where}; fix: lower lr (now "
+            raise TrainingError(f"step {self.step + 1}: {e}; the run stopped, {self.stopped()}; fix: lower lr (now "
                                 f"{cfg.lr:g}), raise warmup_steps, set max_grad_norm, or use precision=fp32 / "
                                 "bf16-mixed") from None
         if self.device.type == "cuda":
@@ -181,7 +198,7 @@ class Run:
                         bar.write(f"step {self.step}: validation loss {ev['val_loss']:.4f}")
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
                     self.last_ckpt = self.checkpoint()
-        except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint stays as it was
+        except BaseException:  # a second Ctrl-C or an error: stop now, the last checkpoint stays as it was
             bar.close()
             self.logger.close()
             raise
@@ -218,7 +235,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     if val_before:
         log(f"validation loss before training: {val_before['val_loss']:.4f} (perplexity {val_before['val_ppl']:.2f})")
     interrupted = run.fit()
-    run.last_ckpt = run.checkpoint()
+    try:
+        run.last_ckpt = run.checkpoint()
+    except BaseException:
+        run.logger.close()
+        raise
     val_after = None
     if interrupted:
         log(f"interrupted at step {run.step}: checkpoint saved to {run.last_ckpt}; continue with resume=latest")
