@@ -4,7 +4,7 @@ working directory). Also: a content hash of a folder tree, to assert that a refu
 
 Protocol (one JSON line each way over the zygote's stdin / stdout):
   {"op": "spawn", "argv": [...], "cwd": DIR, "out": FILE, "err": FILE, "setup": CODE | null} -> {"pid": PID}
-  {"op": "wait", "pid": PID, "timeout": S} -> {"code": EXIT CODE, or -SIGNAL; 124 after a timeout kill}
+  {"op": "poll", "pid": PID} -> {"code": EXIT CODE, or -SIGNAL, or null while it runs}
 `setup` is Python run in the child before the command (to simulate a full disk, say).
 """
 from __future__ import annotations
@@ -12,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ZYGOTE = r'''
-import json, os, signal, sys, time, traceback
+import json, os, sys, traceback
 import torch, transformers, safetensors.torch, yaml
 import slimtune.cli, slimtune.train.loop, slimtune.merge, slimtune.quant.ptq, slimtune.generate
 import tempfile
@@ -57,18 +60,8 @@ for line in sys.stdin:
             child(req)
         proto.write(json.dumps({"pid": pid}) + "\n")
     else:
-        t0, code = time.time(), None
-        while code is None:
-            done, status = os.waitpid(req["pid"], os.WNOHANG)
-            if done:
-                code = os.waitstatus_to_exitcode(status)
-            elif time.time() - t0 > req["timeout"]:
-                os.kill(req["pid"], signal.SIGKILL)
-                os.waitpid(req["pid"], 0)
-                code = 124
-            else:
-                time.sleep(0.002)
-        proto.write(json.dumps({"code": code}) + "\n")
+        done, status = os.waitpid(req["pid"], os.WNOHANG)
+        proto.write(json.dumps({"code": os.waitstatus_to_exitcode(status) if done else None}) + "\n")
     proto.flush()
 '''
 
@@ -87,33 +80,51 @@ class Result:
 class Zygote:
     """A process that has imported slimtune and forks one child per CLI command."""
 
-    def __init__(self, scratch: Path) -> None:
+    def __init__(self, scratch: Path, threads: int | None = 1) -> None:
         self.scratch = scratch
         scratch.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-               "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        if threads is not None:  # one thread per child by default: children run side by side
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env, cwd=scratch)
         self.n = 0
+        self.lock = threading.Lock()
 
     def _ask(self, req: dict) -> dict:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        with self.lock:  # one request at a time; callers may be threads
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError("the zygote died")
         return json.loads(line)
 
     def spawn(self, argv: list[str], cwd: Path, setup: str | None = None) -> tuple[int, Path, Path]:
         """Start `slimtune ARGV` in a forked child; returns (pid, stdout file, stderr file)."""
-        self.n += 1
-        out, err = self.scratch / f"{self.n}.out", self.scratch / f"{self.n}.err"
+        with self.lock:
+            self.n += 1
+            n = self.n
+        out, err = self.scratch / f"{n}.out", self.scratch / f"{n}.err"
         pid = self._ask({"op": "spawn", "argv": [str(a) for a in argv], "cwd": str(cwd), "out": str(out),
                          "err": str(err), "setup": setup})["pid"]
         return pid, out, err
 
+    def poll(self, pid: int) -> int | None:
+        """The child's exit code (-N: killed by signal N), or None while it runs."""
+        return self._ask({"op": "poll", "pid": pid})["code"]
+
     def wait(self, pid: int, timeout: float = 120.0) -> int:
-        return self._ask({"op": "wait", "pid": pid, "timeout": timeout})["code"]
+        """Wait for the child; after `timeout` seconds kill it and return 124."""
+        t0 = time.time()
+        while (code := self.poll(pid)) is None:
+            if time.time() - t0 > timeout:
+                os.kill(pid, signal.SIGKILL)
+                while self.poll(pid) is None:
+                    time.sleep(0.01)
+                return 124
+            time.sleep(0.003)
+        return code
 
     def run(self, argv: list[str], cwd: Path, setup: str | None = None, timeout: float = 120.0) -> Result:
         pid, out, err = self.spawn(argv, cwd, setup)

@@ -4,30 +4,18 @@ resume state, CLI flags) each go through the real CLI in a forked child, and eac
 one stderr line naming the file, key or flag, no traceback, and nothing written or changed on disk."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from reliability_assets import build_workspace
 from reliability_cases import CASES
-from reliability_harness import Zygote, one_clean_line, tree_hash
+from reliability_harness import one_clean_line, tree_hash
 
 import reliability_cases_more  # noqa: F401  (adds its cases to CASES)
 
 PWNED = Path("/tmp/slimtune-reliability-pwned")
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory) -> Path:
-    return build_workspace(tmp_path_factory.mktemp("ws"))
-
-
-@pytest.fixture(scope="module")
-def zygote(tmp_path_factory):
-    z = Zygote(tmp_path_factory.mktemp("zygote"))
-    yield z
-    z.close()
 
 
 def test_the_sweep_is_wide():

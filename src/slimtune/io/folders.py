@@ -56,6 +56,8 @@ def write_folder_atomically(path: str | Path, fill: Callable[[Path], None]) -> P
         remove_stale(path.parent, path.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as e:
+        if Path(str(e.filename or "")).name.startswith(f".{path.name}.tmp-"):  # name the folder, not mkdtemp's try
+            e.filename = None
         raise StorageError.from_os(e, path.parent) from None
     try:
         fill(tmp)

@@ -24,6 +24,7 @@ from slimtune.precision.policy import BASE_DTYPES, PRECISIONS
 
 # run keys that must match between a checkpoint and the run resuming from it (else the numerics differ); the method
 # options that must match are declared by the methods themselves (`option(..., resume=True)`)
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 RESUME_KEYS = ("model", "method", "method_args", "quant", "data", "data_format", "template", "train_on_prompt",
                "max_length", "packing", "precision", "base_dtype", "batch_size", "grad_accum", "lr", "min_lr",
                "warmup_steps", "schedule", "weight_decay", "betas", "optimizer", "seed")
@@ -140,7 +141,8 @@ class TrainConfig:
 
 
 def check_finite_numbers(key: str, value: Any) -> None:
-    """Every float in a config value (lists and mappings included) must be finite: YAML reads .nan / .inf / 1e400.
+    """Every float in a config value (lists and mappings included) must be finite, and fit a float32 (where the
+    optimizer uses it): YAML reads .nan, .inf and 1e400.
 
     Raises:
         ConfigError: naming the key and the value.
@@ -149,8 +151,9 @@ def check_finite_numbers(key: str, value: Any) -> None:
     for v in items:
         if isinstance(v, (dict, list, tuple)):
             check_finite_numbers(key, v)
-        elif isinstance(v, float) and not math.isfinite(v):
-            raise ConfigError(f"{key}={value!r} is not a finite number; fix: give {key} a finite value")
+        elif isinstance(v, float) and not abs(v) <= FLOAT32_MAX:  # NaN fails this too
+            raise ConfigError(f"{key}={value!r} is not a finite number (of at most {FLOAT32_MAX:.3g}, what float32 "
+                              f"holds); fix: give {key} a finite value")
 
 
 def flat_options() -> dict[str, DeclaredOption]:

@@ -92,7 +92,7 @@ class Run:
         if self.step == 0:
             self.metrics_path.unlink(missing_ok=True)
         else:
-            truncate_metrics(self.metrics_path, self.step)
+            truncate_metrics(self.metrics_path, self.step, final=self.step >= self.total)
         self.logger = MetricsLogger(self.out, cfg.log_tensorboard)
         self.t_train, self.tok_done, self.last = 0.0, 0, {}
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimtune.errors import CheckpointError, ConfigError, PrecisionError
-from slimtune.precision.formats import NF4_CODE
+from slimtune.precision.formats import DTYPES, NF4_CODE
 from slimtune.quant.codecs.base import GroupedCodec
 
 FORMATS_4BIT = ("nf4", "fp4")
@@ -278,10 +278,18 @@ def from_bnb_state_dict(sd: dict[str, Tensor], prefix: str = "") -> Quant4bit:
         if need not in sd:
             raise CheckpointError(f"quantized checkpoint lacks {need} (the 4-bit weight's scales/state); "
                                   "re-quantize the model or re-download the checkpoint")
-    meta = json.loads(bytes(sd[key].cpu().tolist()).decode("utf-8"))
-    fmt = meta["quant_type"]
+    try:  # the dtype name comes from a file: looked up in slimtune's table, never as an attribute of the torch module
+        meta = json.loads(bytes(sd[key].cpu().tolist()).decode("utf-8"))
+        fmt, shape, block = meta["quant_type"], torch.Size(meta["shape"]), int(meta["blocksize"])
+        dtype = DTYPES[str(meta["dtype"]).removeprefix("torch.")]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise CheckpointError(f"{key}: malformed bitsandbytes quant state; re-quantize the model or re-download "
+                              "the checkpoint") from None
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"{key}: quant state dtype {meta['dtype']!r} is not a float type; the checkpoint is "
+                              "damaged")
     q = Quant4bit(sd[f"{prefix}weight"].view(torch.uint8).reshape(-1, 1), sd[f"{prefix}weight.absmax"],
-                  torch.Size(meta["shape"]), getattr(torch, meta["dtype"]), fmt, int(meta["blocksize"]))
+                  shape, dtype, fmt, block)
     if "nested_offset" in meta:
         nk = f"{prefix}weight.nested_absmax"
         if nk not in sd:
