@@ -126,3 +126,22 @@ def test_sigkill_anywhere_then_resume_is_bitwise_equal(zygote, ws, tmp_path):
         done = list(pool.map(lambda i: trial(zygote, ws, tmp_path, base + i, reference), range(TRIALS)))
     print("\n".join(done))
     assert len(done) == TRIALS
+
+
+def test_a_resume_with_another_thread_count_says_so(zygote, ws, tmp_path):
+    """The one known way a resume on the CPU can differ in the last digits: another intra-op thread count (ATen's
+    large reductions sum one partial per thread). The checkpoint records it, and the resumed run says so."""
+    import json
+
+    from reliability_assets import copy_of
+
+    run = copy_of(ws / "run", tmp_path / "run")
+    saved = json.loads((run / "checkpoints" / "step-2" / "state.json").read_text())["numerics"]
+    other = saved["threads"] + 1
+    r = zygote.run(["finetune", *run_overrides(ws, run, resume="latest", max_steps=3)], tmp_path,
+                   setup=f"import torch\ntorch.set_num_threads({other})\n")
+    assert r.code == 0, r.err
+    assert f"written with threads={saved['threads']}, this run has threads={other}" in r.out, r.out
+    r = zygote.run(["finetune", *run_overrides(ws, run, resume="latest", max_steps=4)], tmp_path,
+                   setup=f"import torch\ntorch.set_num_threads({other})\n")
+    assert r.code == 0 and "note:" not in r.out, r.out  # step-3 was written with the same count

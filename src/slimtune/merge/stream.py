@@ -22,7 +22,7 @@ from slimtune.models.load import IGNORED_SUFFIXES
 from slimtune.models.save import copy_tokenizer_files
 from slimtune.precision.formats import parse_dtype
 from slimtune.io.jsonfile import read_json
-from slimtune.precision.guard import check_cast, check_finite
+from slimtune.precision.guard import check_cast, check_finite, require_float
 from slimtune.errors import CheckpointError, ConfigError
 from slimtune.merge import methods as M
 from slimtune.merge.config import MergeConfig
@@ -126,6 +126,8 @@ def plan_merge(cfg: MergeConfig, adapter_out: bool = False) -> Plan:
             raise ConfigError(f"{src}: --adapter-rank writes the merge as an adapter, which needs every model to be "
                               f"a LoRA adapter on the base; {full[0]} is a full model")
     out_dtype = parse_dtype(cfg.out_dtype or cfg.dtype)
+    if out_dtype is not None:
+        require_float(out_dtype, f"{src}: out_dtype {out_dtype}")
     notes = list(cfg.notes) + ["computed in float32"]
     return Plan(cfg, base, inputs, list(bindex), num_layers, out_dtype, notes)
 

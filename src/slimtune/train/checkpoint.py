@@ -8,6 +8,7 @@ earlier checkpoint whole; only the last `keep_last` are kept.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -53,6 +54,20 @@ def set_rng_state(js: dict[str, Any], tensors: dict[str, Tensor]) -> None:
     if cuda and torch.cuda.is_available():
         n = min(len(cuda), torch.cuda.device_count())
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda[:n]])
+
+
+def numerics_env(device: torch.device) -> dict[str, Any]:
+    """What orders floating-point sums besides the data and the seed: torch's version and the device; on the CPU the
+    intra-op thread count (ATen splits a large reduction into one partial sum per thread), the vector ISA ATen
+    dispatches to, and OMP_DYNAMIC (with which OpenMP hands a parallel region fewer threads when the machine's load
+    average is high). A run resumed under other values is not bitwise equal to an uninterrupted one."""
+    env: dict[str, Any] = {"torch": torch.__version__, "device": device.type}
+    if device.type == "cpu":
+        env.update(threads=torch.get_num_threads(), isa=torch.backends.cpu.get_cpu_capability(),
+                   omp_dynamic=os.environ.get("OMP_DYNAMIC", "").strip().lower() in ("1", "true", "yes"))
+    elif device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device))
+    return env
 
 
 # ---- optimizer state as tensors + JSON ------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from torch import nn
 from slimtune.errors import ConfigError, PrecisionError, StorageError
 from slimtune.optim.schedules import lr_at, total_steps
 from slimtune.train.build import build_data, build_model, build_optimizer, pick_device, predict_memory
-from slimtune.train.checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
+from slimtune.train.checkpoint import (find_checkpoint, load_checkpoint, numerics_env, read_state,
+                                       save_checkpoint)
 from slimtune.train.config import TrainConfig, resume_keys, save_config
 from slimtune.train.evaluate import evaluate
 from slimtune.train.metrics import MetricsLogger, plot_losses, truncate_metrics
@@ -67,6 +68,9 @@ class Run:
             raise ConfigError(f"out_dir={self.out} is a file; fix: choose a folder for the run's outputs")
         seed_everything(cfg.seed)
         self.device = pick_device(cfg.device)
+        if numerics_env(self.device).get("omp_dynamic"):
+            log("note: OMP_DYNAMIC is on: OpenMP gives CPU ops fewer threads when the machine is busy, which reorders "
+                "their sums; unset it for runs that reproduce bitwise")
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         self.train_ds, self.val_ds, self.data_summary = build_data(cfg, self.tokenizer)
         d = self.data_summary
@@ -105,6 +109,12 @@ class Run:
             return
         check_resume(read_state(ckpt)["config"], self.cfg, ckpt)
         state = load_checkpoint(ckpt, self.model, self.optimizer, self.scaler)
+        saved, now = state.get("numerics") or {}, numerics_env(self.device)
+        diff = [k for k in now if k in saved and saved[k] != now[k]]
+        if diff:
+            self.log(f"note: {ckpt} was written with {', '.join(f'{k}={saved[k]}' for k in diff)}, this run has "
+                     f"{', '.join(f'{k}={now[k]}' for k in diff)}: sums are ordered differently, so the losses can "
+                     "differ from an uninterrupted run in the last digits")
         self.it.load_state_dict(state["data"])
         self.step, self.last_ckpt = int(state["step"]), ckpt
         self.log(f"resumed from {ckpt} at step {self.step}")
@@ -121,7 +131,7 @@ class Run:
             TrainingError: NaN / inf in a trainable weight or the optimizer state (nothing written).
             StorageError: the disk refused the write (the earlier checkpoints stay whole).
         """
-        state = {"data": self.it.state_dict(), "config": self.cfg.to_dict(),
+        state = {"data": self.it.state_dict(), "config": self.cfg.to_dict(), "numerics": numerics_env(self.device),
                  "scheduler": {"step": self.step, "total": self.total}}
         try:
             return save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.scaler,
