@@ -74,3 +74,22 @@ def hf_folder(request, tmp_path):
     folder = tmp_path / request.param
     model.save_pretrained(folder)
     return request.param, folder, model
+
+
+@pytest.fixture(scope="session")
+def zygote(tmp_path_factory):
+    """A process that imported slimtune once and forks a child per CLI command (tests/reliability_harness.py)."""
+    from reliability_harness import Zygote
+
+    z = Zygote(tmp_path_factory.mktemp("zygote"))
+    yield z
+    z.close()
+
+
+@pytest.fixture(scope="session")
+def ws(tmp_path_factory, zygote):
+    """Good inputs the reliability tests damage copies of (tests/reliability_assets.py); built while the zygote
+    imports."""
+    from reliability_assets import build_workspace
+
+    return build_workspace(tmp_path_factory.mktemp("ws"))

@@ -100,14 +100,25 @@ def test_state_dict_mismatch_names_tensor(tmp_path):
         load_model(out)
 
 
-def test_bin_checkpoint_is_read_without_pickle_code(tmp_path):
+def test_bin_checkpoint_refused_unless_converted_with_trust(tmp_path):
+    """A pytorch_model.bin is refused everywhere (pointing to convert --trust-pickle, never to weights_only=False);
+    convert --trust-pickle reads it, zip or legacy format, through the weights-only unpickler."""
     out = write_builtin(tmp_path / "m")
     from slimtune.io.safetensors import iter_tensors
     sd = dict(iter_tensors(out))
     (out / "model.safetensors").unlink()
-    torch.save(sd, out / "pytorch_model.bin")
-    back, _ = load_model(out)
-    assert torch.equal(back.lm_head.weight, sd["lm_head.weight"])
+    for legacy in (False, True):
+        torch.save(sd, out / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(CheckpointError, match="--trust-pickle"):
+            load_model(out)
+        r = slimtune("generate", "--model", out, "--max-new-tokens", "2")
+        assert_one_line_error(r, "pytorch_model.bin", "slimtune convert", "--trust-pickle")
+        assert "weights_only" not in r.stderr
+        conv = tmp_path / f"conv-{legacy}"
+        r = slimtune("convert", out, conv, "--trust-pickle")
+        assert r.returncode == 0, r.stderr
+        back, _ = load_model(conv)
+        assert torch.equal(back.lm_head.weight, sd["lm_head.weight"])
     save_file({"x": torch.ones(1)}, str(tmp_path / "unused.safetensors"))
 
 

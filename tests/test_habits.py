@@ -15,7 +15,8 @@ from conftest import make_hf_model
 from slimtune.cli import main
 from slimtune.data import sample_path
 from slimtune.errors import ConfigError
-from slimtune.train.config import INSTEAD, RUN_ALIASES, flat_options, load_config
+from slimtune.train.config import flat_options, load_config
+from slimtune.train.keys import INSTEAD, RUN_ALIASES
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

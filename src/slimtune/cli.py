@@ -1,7 +1,8 @@
 """The `slimtune` console command: one subcommand per module, each with `add_arguments(parser)` and `run(args)`.
 
-Every subcommand that reports numbers takes `--json` and then prints exactly one JSON object. A `SlimtuneError`
-becomes one line on stderr and exit code 2.
+Every subcommand that reports numbers takes `--json` and then prints exactly one JSON object. A `SlimtuneError`, an
+error of the operating system (disk full, permission denied) and a usage error each become one line on stderr and exit
+code 2 (the full help only with --help).
 """
 from __future__ import annotations
 
@@ -27,8 +28,17 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the whole usage block first); subcommand parsers
+    are made of this class too."""
+
+    def error(self, message: str):
+        line = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {line}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimtune", description="Fine-tune LLMs on the GPU you have.")
+    parser = Parser(prog="slimtune", description="Fine-tune LLMs on the GPU you have.")
     from slimtune import __version__
     parser.add_argument("--version", action="version", version=f"slimtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -41,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from slimtune.errors import SlimtuneError
+    from slimtune.errors import SlimtuneError, StorageError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -58,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         code = args._run(args)
     except SlimtuneError as e:
         print(f"slimtune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk or the permissions, not a bug: one line naming the path
+        print(f"slimtune {args.command}: error: {StorageError.from_os(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"slimtune {args.command}: interrupted", file=sys.stderr)

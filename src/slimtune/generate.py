@@ -8,6 +8,7 @@ decoding gives the same ids as `transformers.generate`.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,10 +35,33 @@ class SamplingConfig:
     seed: int | None = None
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise SlimtuneError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
-            raise SlimtuneError("sampling needs temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0")
+        """Raises SlimtuneError naming the first setting out of range (NaN and inf included)."""
+        t, p, r = self.temperature, self.top_p, self.repetition_penalty
+        checks = [("max_new_tokens", self.max_new_tokens >= 1, "an integer >= 1"),
+                  ("temperature", math.isfinite(t) and t >= 0, "a finite number >= 0 (0: greedy)"),
+                  ("top_p", 0 < p <= 1, "in (0, 1] (1: off)"), ("top_k", self.top_k >= 0, ">= 0 (0: off)"),
+                  ("repetition_penalty", math.isfinite(r) and r > 0, "a finite number > 0 (1: off)")]
+        for name, ok, want in checks:
+            if not ok:
+                raise SlimtuneError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range; fix: give "
+                                    f"{want}")
+
+
+def check_prompt_lengths(lengths: list[int], max_new_tokens: int, context: int) -> None:
+    """Every prompt must hold a token, and prompt + new tokens must fit the model's context.
+
+    Raises:
+        SlimtuneError: naming the prompt, its length, the context (max_position_embeddings) and the fix.
+    """
+    for i, n in enumerate(lengths):
+        if n == 0:
+            raise SlimtuneError(f"--prompt number {i + 1} is empty (0 tokens); fix: give some text")
+        if n > context:
+            raise SlimtuneError(f"--prompt number {i + 1} is {n} tokens, longer than the model's context of {context} "
+                                "(max_position_embeddings); fix: shorten it")
+        if n + max_new_tokens > context:
+            raise SlimtuneError(f"--prompt number {i + 1} ({n} tokens) + --max-new-tokens {max_new_tokens} exceeds "
+                                f"the model's context of {context}; fix: --max-new-tokens {context - n} or less")
 
 
 def process_logits(logits: Tensor, seen: Tensor, sc: SamplingConfig) -> Tensor:
@@ -187,6 +211,9 @@ def _generate(model, input_ids: Tensor, attention_mask: Tensor | None, sc: Sampl
     gen = torch.Generator(device=input_ids.device).manual_seed(sc.seed) if sc.seed is not None else None
     am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     logits, am, padded = _prefill(model, input_ids, am, cache, enc)
+    if not bool(torch.isfinite(logits).all()):
+        raise SlimtuneError("the model's logits are NaN or inf on this prompt: its weights (or the adapter's) are "
+                            "damaged or overflow in this dtype; fix: --dtype fp32, or a good checkpoint")
     T = am.shape[1]  # positions filled: virtual tokens or prefix, then the prompts
     if cuda_graph is None:  # dynamic NTK RoPE reads the longest position on the host: no graph
         cuda_graph = input_ids.is_cuda and (cfg.rope_scaling or {}).get("rope_type") != "dynamic"
@@ -311,6 +338,7 @@ def generate_text(model, tokenizer, prompts: list[str], sc: SamplingConfig | Non
     """
     sc = sc or SamplingConfig()
     ids = encode_prompts(tokenizer, prompts, chat, system)
+    check_prompt_lengths([len(x) for x in ids], sc.max_new_tokens, model.config.max_position_embeddings)
     dev = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     T = max(len(x) for x in ids)

@@ -34,11 +34,14 @@ def run(args: argparse.Namespace) -> int:
     from slimtune.models.save import save_model
     from slimtune.models.tiny import BUILTIN_NAMES, builtin_tokenizer
     from slimtune.peft import load_adapter, merge_and_unload
+    from slimtune.precision.formats import declared_float
     from slimtune.quant.qlora import detect_quant, merge_qlora
 
     if args.qlora or args.quant or detect_quant(args.adapter):
+        from slimtune.train.build import pick_device
+
         rep = merge_qlora(args.model, args.adapter, args.out, dtype="bf16" if args.dtype == "auto" else args.dtype,
-                          quant=args.quant, device=args.device)
+                          quant=args.quant, device=pick_device(args.device))
         if args.json:
             print(json.dumps(rep.to_dict()))
         else:
@@ -53,12 +56,12 @@ def run(args: argparse.Namespace) -> int:
     load_adapter(model, args.adapter)
     merge_and_unload(model)
     dtype = args.dtype
-    if dtype == "auto":  # the dtype config.json declares (load_model was told fp32)
+    if dtype == "auto":  # the float dtype config.json declares (load_model was told fp32)
         hf = getattr(cfg, "hf", None)
         if hf is None:  # a transformers model (the fallback): its folder's config.json
             hf = read_config_json(resolve(args.model) / "config.json")
         declared = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-        dtype = getattr(torch, str(declared), torch.float32)
+        dtype = declared_float(declared)
     builtin = str(args.model) in BUILTIN_NAMES
     out = save_model(model, args.out, dtype=dtype, force=args.force,
                      tokenizer=builtin_tokenizer() if builtin else None,

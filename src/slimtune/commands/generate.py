@@ -27,14 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
 
 
-def pick_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -43,18 +35,21 @@ def run(args: argparse.Namespace) -> int:
     from slimtune.generate import SamplingConfig, generate_text
     from slimtune.models.tiny import BUILTIN_NAMES
 
+    from slimtune.train.build import pick_device
+
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
+    prompts = args.prompt or (["Give three tips for staying healthy."])
+    sc = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_strings=args.stop,
+                        seed=args.seed)
+    sc.validate()  # the flags, before the model loads
     model, cfg = load_model(args.model, dtype=args.dtype, device=device, force=args.force)
     if args.adapter:
         from slimtune.peft import load_adapter
 
         load_adapter(model, args.adapter)
     tok = load_tokenizer(args.model)
-    prompts = args.prompt or (["Give three tips for staying healthy."])
-    sc = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_strings=args.stop,
-                        seed=args.seed)
     builtin = str(args.model) in BUILTIN_NAMES
     if args.json:
         res = generate_text(model, tok, prompts, sc, chat=args.chat, system=args.system)

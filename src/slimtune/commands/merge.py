@@ -22,8 +22,13 @@ def run(args: argparse.Namespace) -> int:
     from slimtune.commands.convert import parse_size
     from slimtune.merge import load_config, merge
 
+    from slimtune.errors import ConfigError
+
+    size = parse_size(args.shard_size, "--shard-size")
+    if args.adapter_rank is not None and args.adapter_rank < 1:
+        raise ConfigError(f"--adapter-rank must be at least 1, got {args.adapter_rank}")
     cfg = load_config(args.config)
-    r = merge(cfg, args.out, seed=args.seed, shard_size=parse_size(args.shard_size), adapter_rank=args.adapter_rank,
+    r = merge(cfg, args.out, seed=args.seed, shard_size=size, adapter_rank=args.adapter_rank,
               progress=not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps(r))

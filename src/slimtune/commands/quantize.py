@@ -34,7 +34,9 @@ def _mib(n: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from slimtune.quant.ptq import quantize_checkpoint
+    from slimtune.train.build import pick_device
 
+    args.device = pick_device(args.device)
     if args.adapter:
         return _export_trained(args)
     rep = quantize_checkpoint(args.model, args.out, args.format, args.group, args.bits, args.eval, args.eval_limit,

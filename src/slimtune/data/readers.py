@@ -20,6 +20,7 @@ JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 DATA_SUFFIXES = JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")  # org/name, optionally :split
+TOO_DEEP = "the record is nested too deeply to read (thousands of levels); fix: repair or remove it"
 
 
 @dataclass
@@ -63,6 +64,8 @@ def _read_jsonl(text: str, source: str) -> list[Record]:
         except json.JSONDecodeError as e:
             raise DataError(f"{source} line {lineno}: not valid JSON ({e.msg} at column {e.colno}); "
                             f"fix: write exactly one JSON object per line") from None
+        except RecursionError:
+            raise DataError(f"{source} line {lineno}: {TOO_DEEP}") from None
         out.append(_check_object(obj, source, len(out), lineno))
     return out
 
@@ -93,6 +96,8 @@ def _read_json_array(text: str, source: str) -> list[Record]:
             obj, end = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise bad(e.pos, f"{e.msg} at column {e.colno}") from None
+        except RecursionError:
+            raise DataError(f"{source} line {text.count(chr(10), 0, pos) + 1}: {TOO_DEEP}") from None
         line += text.count("\n", counted, pos)
         counted = pos
         out.append(_check_object(obj, source, len(out), line, in_array=True))
@@ -113,7 +118,7 @@ def _one_object(text: str) -> bool:
     try:
         json.loads(text)
         return "\n" in text.strip()
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
 
 

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from slimtune.errors import StorageError
+
 
 def fsync_path(path: Path) -> None:
     """Flush a file's or a folder's data and metadata to disk."""
@@ -45,12 +47,18 @@ def write_folder_atomically(path: str | Path, fill: Callable[[Path], None]) -> P
     Returns:
         `path` as a Path.
     Raises:
-        whatever `fill` raises; OSError from the file system.
+        whatever `fill` raises; StorageError (one line naming the path) for an error of the file system: a full
+        disk, a folder that may not be written, a read-only file system.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path.parent, path.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(path.parent, path.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e:
+        if Path(str(e.filename or "")).name.startswith(f".{path.name}.tmp-"):  # name the folder, not mkdtemp's try
+            e.filename = None
+        raise StorageError.from_os(e, path.parent) from None
     try:
         fill(tmp)
         for f in tmp.rglob("*"):
@@ -64,8 +72,12 @@ def write_folder_atomically(path: str | Path, fill: Callable[[Path], None]) -> P
         else:
             tmp.rename(path)
         fsync_path(path.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            if str(e.filename or "").startswith(str(tmp)):  # a file of the half-written folder: name the target
+                e.filename = None
+            raise StorageError.from_os(e, path) from None
         raise
     return path
 

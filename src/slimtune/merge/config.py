@@ -335,4 +335,8 @@ def load_config(path: str | Path) -> MergeConfig:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read; fix: write a plain mergekit config") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a YAML text file ({type(e).__name__})") from None
     return parse_config(d, str(path))

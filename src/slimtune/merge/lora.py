@@ -7,14 +7,17 @@ module is factored by SVD into a rank-r LoRA with lora_alpha = r (scale 1).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from slimtune.errors import CheckpointError
-from slimtune.io.safetensors import TensorLoc, read_tensor, tensor_index
+from slimtune.errors import CheckpointError, ConfigError
+from slimtune.io.jsonfile import read_json
+from slimtune.io.safetensors import TensorLoc, read_tensor, tensor_index, write_safetensors
+from slimtune.precision.guard import check_finite
 from slimtune.peft.base import FILE_PREFIX as PREFIX
 from slimtune.peft.lora import lora_scale
 
@@ -50,10 +53,9 @@ def load_lora(folder: Path, label: str) -> Lora:
     Raises:
         CheckpointError: not LoRA, DoRA, per-module alpha patterns, fan_in_fan_out, or keys other than lora_A/lora_B.
     """
-    try:
-        conf = json.loads((folder / "adapter_config.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        raise CheckpointError(f"{label}: {folder}/adapter_config.json is missing or not valid JSON") from None
+    if not (folder / "adapter_config.json").exists():
+        raise CheckpointError(f"{label}: {folder}/adapter_config.json is missing")
+    conf = read_json(folder / "adapter_config.json")
     for bad, why in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out"), ("alpha_pattern", "alpha_pattern")):
         if conf.get(bad):
             raise CheckpointError(f"{label}: {why} adapters are not supported as merge inputs; merge it into its "
@@ -69,8 +71,11 @@ def load_lora(folder: Path, label: str) -> Lora:
         if not sep or not key.startswith(PREFIX) or kind not in ("A.weight", "B.weight"):
             raise CheckpointError(f"{label}: adapter tensor {key} is not a LoRA A/B matrix; only plain LoRA adapters "
                                   "(no modules_to_save, no bias) can be merged")
-        pairs.setdefault(mod[len(PREFIX):] + ".weight", {})[kind[0]] = read_tensor(loc).float()
-    alpha = float(conf.get("lora_alpha", conf.get("r", 8)))
+        t = pairs.setdefault(mod[len(PREFIX):] + ".weight", {})[kind[0]] = read_tensor(loc).float()
+        check_finite(key, t, str(wfile))
+    alpha = conf.get("lora_alpha", conf.get("r", 8))
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise CheckpointError(f"{label}: {folder}/adapter_config.json: lora_alpha = {alpha!r} is not a finite number")
     targets = {}
     for name, ab in pairs.items():
         if set(ab) != {"A", "B"}:
@@ -105,21 +110,21 @@ def factor(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 def write_adapter(tmp: Path, plan, names: list[str], rank: int, seed: int, merge_tensor, bar, shard_size: int) -> None:
     """Merge each target tensor whole, factor (merged - base) at `rank`, and save a PEFT adapter folder."""
-    from safetensors.torch import save_file
-
     if rank < 1:
-        raise CheckpointError(f"--adapter-rank must be at least 1, got {rank}")
+        raise ConfigError(f"--adapter-rank must be at least 1, got {rank}")
     dt = plan.out_dtype or torch.float32
     sd = {}
     for n in names:
         merged = torch.cat(list(merge_tensor(plan, n, seed)), 0)
         delta = merged - read_tensor(plan.base.index[n]).float()
         a, b = factor(delta, rank)
+        for t in (a, b):
+            check_finite(n, t, fix="the merged update is not finite; nothing was written")
         mod = PREFIX + n[: -len(".weight")]
         sd[mod + ".lora_A.weight"] = a.to(dt).contiguous()
         sd[mod + ".lora_B.weight"] = b.to(dt).contiguous()
         bar.update(1)
-    save_file(sd, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(sd, tmp / "adapter_model.safetensors")
     first = next(x.lora for x in plan.inputs.values() if x.lora is not None)
     conf = dict(first.config)
     conf.update(r=rank, lora_alpha=rank, use_rslora=False, use_dora=False, rank_pattern={}, alpha_pattern={},

@@ -7,7 +7,6 @@ the final norm and lm_head from the last slice's sources at t = 0.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,11 @@ import torch
 from torch import Tensor
 
 from slimtune.io.hub import resolve
+from slimtune.io.jsonfile import read_json
 from slimtune.io.safetensors import TensorLoc, read_tensor, tensor_index
 from slimtune.models.load import IGNORED_SUFFIXES
 from slimtune.precision.formats import parse_dtype
+from slimtune.precision.guard import require_float
 from slimtune.errors import CheckpointError, ConfigError
 from slimtune.merge.config import MergeConfig, ModelEntry
 from slimtune.merge.lora import Lora, load_lora
@@ -107,12 +108,9 @@ def find_path(path: str, cfg_source: str) -> Path:
 
 def _open(path: str, label: str, cfg_source: str) -> Input:
     folder = find_path(path, cfg_source)
-    try:
-        hf = json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{label}: {folder} has no config.json; pass a Hugging Face model folder") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{label}: {folder}/config.json is not valid JSON (line {e.lineno})") from None
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"{label}: {folder} has no config.json; pass a Hugging Face model folder")
+    hf = read_json(folder / "config.json")
     index = {k: v for k, v in tensor_index(folder).items() if not k.endswith(IGNORED_SUFFIXES)}
     return Input(label, folder, index, hf)
 
@@ -260,6 +258,9 @@ def plan_merge(cfg: MergeConfig, adapter_out: bool = False) -> Plan:
         if full or cfg.slices:
             raise ConfigError(f"{cfg.source}: --adapter-rank writes the merge as an adapter, which needs every model "
                               f"to be a LoRA adapter on the base{f'; {full[0]} is a full model' if full else ''}")
+    out_dtype = parse_dtype(cfg.out_dtype or cfg.dtype)
+    if out_dtype is not None:
+        require_float(out_dtype, f"{cfg.source}: out_dtype {out_dtype}")
     notes = list(cfg.notes) + ["computed in float32"]
-    return Plan(cfg, base, inputs, jobs, len(origins), parse_dtype(cfg.out_dtype or cfg.dtype),
+    return Plan(cfg, base, inputs, jobs, len(origins), out_dtype,
                 _out_config(cfg, base, origins), notes=notes)  # a tokenizer: block adds plan.vocab (merge.tokenizer)

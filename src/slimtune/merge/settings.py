@@ -8,6 +8,7 @@ parameter_resolver.py).
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from typing import Any
 
@@ -98,8 +99,8 @@ def check_value(k: str, x: Any, where: str, source: str) -> None:
         return
     if x is None and k == "scale":  # passthrough: no scaling
         return
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise ConfigError(f"{source}: {where} must be a number, got {x!r}")
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise ConfigError(f"{source}: {where} must be a finite number, got {x!r}")
     if k == "t" and not 0 <= x <= 1:
         raise ConfigError(f"{source}: {where} = {x} is outside [0, 1] (0 gives the base model, 1 the other)")
     if k == "density" and not 0 < x <= 1:

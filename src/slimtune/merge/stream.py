@@ -18,7 +18,7 @@ from torch import Tensor
 from slimtune.errors import ConfigError
 from slimtune.io.folders import write_folder_atomically
 from slimtune.io.safetensors import DEFAULT_SHARD, ST_DTYPES, read_tensor, split_shards
-from slimtune.precision.guard import check_cast
+from slimtune.precision.guard import check_cast, check_finite
 from slimtune.merge.config import MergeConfig
 from slimtune.merge.context import CHUNK_ELEMS
 from slimtune.merge.lora import write_adapter
@@ -73,6 +73,9 @@ class ShardWriter:
             f.close()
 
 
+NOT_WRITTEN = "the merge would write NaN or inf (a NaN input, or a weight of NaN / inf); nothing was written"
+
+
 def _write_tensors(tmp: Path, plan: Plan, names: list[str], seed: int, shard_size: int, chunk: int, bar) -> None:
     def out_dtype(name: str) -> torch.dtype:
         return plan.out_dtype or plan.jobs[name].dtype
@@ -86,6 +89,7 @@ def _write_tensors(tmp: Path, plan: Plan, names: list[str], seed: int, shard_siz
                 writer.write(n, read_tensor(src.input.index[src.name]))
             else:
                 for c in merge_tensor(plan, n, seed, chunk):
+                    check_finite(n, c, fix=NOT_WRITTEN)
                     if dt != torch.float32:
                         check_cast(n, c, dt)
                     writer.write(n, c.to(dt))

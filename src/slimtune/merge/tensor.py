@@ -31,6 +31,9 @@ def merge_tensor(plan: Plan, name: str, seed: int, chunk: int = CHUNK_ELEMS) -> 
 def _linear(ctx: Ctx, sp: list[Span], seed: int) -> Iterator[Tensor]:
     w = [ctx.per(m, "weight") for m in ctx.members]
     norm = ctx.shared("normalize")
+    if norm and abs(sum(w)) < 1e-8:
+        raise ConfigError(f"{ctx.cfg.source}: the weights for {ctx.job.name} sum to {sum(w):g}, and normalize divides "
+                          "by that sum; fix: weights that do not cancel, or normalize: false")
     for s in sp:
         yield M.linear(ctx.rows(s)[1], w, norm)
 

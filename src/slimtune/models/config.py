@@ -8,7 +8,6 @@ exist so that shapes such as GPT-3 175B can be built and counted.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,10 @@ from typing import Any
 import torch
 
 from slimtune.errors import CheckpointError
+from slimtune.io.jsonfile import read_json
 from slimtune.models.families import WINDOWED, family_fields, family_hf, normalize_rope, with_defaults
-from slimtune.precision.formats import DTYPES, FLOAT_NAMES, short_name
+from slimtune.models.validate import check_hf_config
+from slimtune.precision.formats import declared_float
 
 # model_type -> the transformers class name written in `architectures`
 ARCHITECTURES = {
@@ -109,8 +110,7 @@ class ModelConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         """The declared storage dtype: fp32, bf16 or fp16 (float32 for anything else config.json may name)."""
-        dt = DTYPES.get(str(self.dtype))
-        return dt if dt is not None and short_name(dt) in FLOAT_NAMES else torch.float32
+        return declared_float(self.dtype)
 
     @property
     def eos_ids(self) -> list[int]:
@@ -133,6 +133,7 @@ class ModelConfig:
             raise CheckpointError(f"{source}: model_type {mt!r} is not supported; supported architectures: "
                                   f"{', '.join(ARCHITECTURES)} ({', '.join(ARCHITECTURES.values())})")
         d = with_defaults(mt, d)
+        check_hf_config(d, source)
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope = dict(rope.get("full_attention") or {}) if "full_attention" in rope else rope  # per layer type (5.x)
         theta = rope.pop("rope_theta", None) or d.get("rope_theta", 10000.0)
@@ -192,16 +193,10 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
     """The dict of a config.json file.
 
     Raises:
-        CheckpointError: no such file, or not a JSON object.
+        CheckpointError: no such file, bad JSON (`io.jsonfile.read_json`), or not a JSON object.
     """
     path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         raise CheckpointError(f"{path}: config.json not found; a Hugging Face model folder holds config.json "
-                              "and *.safetensors") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return d
+                              "and *.safetensors")
+    return read_json(path, fix="copy config.json again from the model's source")

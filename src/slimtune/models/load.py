@@ -17,7 +17,7 @@ from slimtune.models.config import ARCHITECTURES, ModelConfig, read_config_json
 from slimtune.models.decoder import Decoder
 from slimtune.models.tiny import BUILTIN_NAMES, builtin_model
 from slimtune.precision.formats import dtype_name, parse_dtype
-from slimtune.precision.guard import check_cast
+from slimtune.precision.guard import check_cast, check_finite, require_float
 from slimtune.quant.bnb_config import BNB_METHOD, bnb_layers
 from slimtune.quant.codecs import get_codec
 from slimtune.quant.codecs.fourbit import FORMATS_4BIT
@@ -28,7 +28,8 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carr
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                force: bool = False, quantize: str | None = None, group_size: int | None = None,
-               double_quant: bool | None = None, quant_skip: tuple[str, ...] = ("lm_head",)):
+               double_quant: bool | None = None, quant_skip: tuple[str, ...] = ("lm_head",),
+               trust_pickle: bool = False):
     """Load a Hugging Face checkpoint folder (or 'builtin') into a `Decoder`; an architecture the decoder does not
     cover loads through transformers' own implementation (`models.fallback.load_hf_fallback`).
 
@@ -40,13 +41,18 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         quantize: a `slimtune.quant` format (nf4 for QLoRA, int8, int4, ...): each linear weight but `quant_skip`
             is quantized on `device` as soon as it is read, so the 16-bit model is never in memory at once (peak:
             the quantized model plus one 16-bit tensor). double_quant defaults to True for nf4/fp4.
+        trust_pickle: read a folder of pytorch_model*.bin through torch's weights-only unpickler (only for files
+            from a trusted source: `slimtune convert --trust-pickle`); otherwise .bin files are refused.
     Returns:
         (model, config), the model in eval mode (for the fallback: the transformers model and its config).
     Raises:
-        CheckpointError: missing folder or shard, truncated file, unsupported architecture, name/shape mismatch.
-        PrecisionError: a tensor that the requested dtype cannot hold (unless force).
+        CheckpointError: missing folder or shard, truncated file, unsupported architecture, name/shape mismatch, a
+            weight stored as an integer type.
+        PrecisionError: a tensor that the requested dtype cannot hold (unless force), or that holds NaN / inf.
     """
     dtype = parse_dtype(dtype)
+    if dtype is not None:
+        require_float(dtype, "--dtype")
     if str(path) in BUILTIN_NAMES:
         return _builtin(dtype, device, quantize, group_size, double_quant, quant_skip)
     folder = resolve(path)
@@ -70,7 +76,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         if double_quant is None:
             double_quant = quantize in ("nf4", "fp4")  # QLoRA's default
     sd: dict[str, Tensor] = {}
-    for name, t in iter_tensors(folder):
+    for name, t in iter_tensors(folder, trust_pickle):
         if name.endswith(IGNORED_SUFFIXES):
             continue
         if name not in expected:
@@ -79,7 +85,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         if tuple(t.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{folder}: tensor {name} has shape {tuple(t.shape)}, config.json implies "
                                   f"{tuple(expected[name].shape)}")
-        if t.is_floating_point() and t.dtype != target:
+        check_weight(folder, name, t)
+        if t.dtype != target:
             if not force:
                 check_cast(name, t, target)
             t = t.to(target)
@@ -130,6 +137,18 @@ def _builtin(dtype: torch.dtype | None, device, quantize: str | None, group_size
     return model, model.config
 
 
+def check_weight(folder: Path, name: str, t: Tensor) -> None:
+    """A weight of a 16/32-bit checkpoint must be a float tensor without NaN or inf.
+
+    Raises:
+        CheckpointError: an integer dtype. PrecisionError: NaN or inf.
+    """
+    if not t.is_floating_point():
+        raise CheckpointError(f"{folder}: tensor {name} is stored as {str(t.dtype)[6:]}, not as a float type; the "
+                              "file is damaged or not a plain checkpoint (re-download or re-save it)")
+    check_finite(name, t, str(folder))
+
+
 def load_quantized(folder: Path, cfg, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                    force: bool = False):
     """Load a quantized folder (written by `slimtune quantize`, or by transformers + bitsandbytes: nf4 / fp4 /
@@ -161,6 +180,7 @@ def load_quantized(folder: Path, cfg, dtype: torch.dtype | None = None, device: 
     quantized = tuple(f"{n}." for n in layers)
     sd = {}
     for name, t in iter_tensors(folder):
+        check_finite(name, t, str(folder))
         if t.is_floating_point() and not name.startswith(quantized) and t.dtype != target:
             if not force:
                 check_cast(name, t, target)

@@ -14,8 +14,9 @@ from slimtune.io.folders import write_folder_atomically
 from slimtune.io.safetensors import DEFAULT_SHARD, save_state_dict
 from slimtune.models.fallback import is_transformers_model
 from slimtune.precision.formats import dtype_name, parse_dtype
-from slimtune.precision.guard import check_cast
+from slimtune.precision.guard import check_cast, check_finite, require_float
 
+NOT_WRITTEN = "nothing was written; the weights are damaged (a diverged run or a bad merge)"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
@@ -95,13 +96,17 @@ def save_model(model, path: str | Path, dtype: str | torch.dtype | None = None,
         tokenizer: a transformers tokenizer to save beside, or tokenizer_dir: a folder whose tokenizer files to copy.
         force: cast even where the precision guard refuses.
     Raises:
-        PrecisionError: a tensor `dtype` cannot hold (unless force).
+        PrecisionError: a tensor holding NaN or inf, a non-float dtype, a tensor `dtype` cannot hold (unless force);
+            all checked before anything is written.
     """
     dtype = parse_dtype(dtype)
+    if dtype is not None:
+        require_float(dtype, "--dtype")
     if is_transformers_model(model):  # the fallback: transformers writes its own folder
         return save_transformers_model(model, path, dtype, max_shard_size, tokenizer, tokenizer_dir, force)
     sd = _cpu_state(model)
     for k, t in sd.items():
+        check_finite(k, t, fix=NOT_WRITTEN)
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             if not force:
                 check_cast(k, t, dtype)
@@ -121,4 +126,7 @@ def save_quantized(model: nn.Module, out: str | Path, qcfg: dict[str, Any], toke
 
     hf = model.config.replace(dtype=dtype_name(model.model.embed_tokens.weight.dtype)).to_hf()
     hf["quantization_config"] = bnb_config(model) or qcfg
-    return write_model_folder(out, hf, _cpu_state(model), tokenizer=tokenizer, tokenizer_dir=tokenizer_dir)
+    sd = _cpu_state(model)
+    for k, t in sd.items():
+        check_finite(k, t, fix=NOT_WRITTEN)
+    return write_model_folder(out, hf, sd, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir)

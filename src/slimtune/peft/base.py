@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -130,6 +131,7 @@ class MethodConfig:
         if unknown:
             raise ConfigError(f"unknown {cls.method} option {unknown[0]!r}; known options: "
                               f"{', '.join(cls.field_names())}")
+        check_field_types(cls, d)
         cfg = cls(**d)
         cfg.validate()
         return cfg
@@ -144,7 +146,9 @@ class MethodConfig:
     def from_peft_json(cls, d: dict[str, Any]) -> "MethodConfig":
         """From an adapter_config.json: fields this config knows are read, PEFT's bookkeeping fields are ignored."""
         known = set(cls.field_names())
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        d = {k: v for k, v in d.items() if k in known}
+        check_field_types(cls, d)
+        cfg = cls(**d)
         cfg.validate()
         return cfg
 
@@ -230,6 +234,38 @@ def method_for_peft_type(peft_type: str, d: dict[str, Any] | None = None) -> Met
             return spec
     known = sorted({s.config_cls.peft_type for s in methods.values() if s.config_cls.peft_type})
     raise ConfigError(f"adapter peft_type {peft_type!r} is not supported; supported: {', '.join(known)}")
+
+
+def _conforms(v: Any, tp: Any) -> bool:
+    """Whether JSON / YAML value v has annotated type tp (floats finite; lists may come as tuples)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(v, a) for a in args)
+    if tp is type(None):
+        return v is None
+    if tp in (bool, str):
+        return isinstance(v, tp)
+    if tp in (int, float):
+        ok = isinstance(v, (int, float) if tp is float else int) and not isinstance(v, bool)
+        return ok and math.isfinite(v)
+    if origin is list:
+        return isinstance(v, (list, tuple)) and all(_conforms(x, args[0]) for x in v)
+    if origin is dict:
+        return isinstance(v, dict) and all(_conforms(k, args[0]) and _conforms(x, args[1]) for k, x in v.items())
+    return True  # a type this check does not know: the config's own validate() decides
+
+
+def check_field_types(cls: type, d: dict[str, Any]) -> None:
+    """Every value in `d` given for a field of config class `cls` must have the field's annotated type.
+
+    Raises:
+        ConfigError: naming the field, the value and the type it needs (a NaN or inf float included).
+    """
+    hints = typing.get_type_hints(cls)
+    for k, v in d.items():
+        if k in hints and not _conforms(v, hints[k]):
+            want = str(hints[k]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            raise ConfigError(f"{k} = {v!r} does not have type {want}{' (finite)' if 'float' in want else ''}")
 
 
 def check_rank(r: int, what: str = "r") -> None:

@@ -13,6 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.errors import CheckpointError, ConfigError
+from slimtune.io.jsonfile import read_json
+from slimtune.io.safetensors import write_safetensors
+from slimtune.precision.guard import check_finite
 from slimtune.peft.base import FILE_PREFIX, MethodConfig, get_method, method_for_peft_type
 from slimtune.peft.layer import active_adapters, model_adapters, set_active_adapters
 
@@ -61,8 +64,6 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = 
     Raises:
         ConfigError: the model carries no such adapter.
     """
-    from safetensors.torch import save_file
-
     adapters = model_adapters(model)
     if adapter_name is None:
         act = active_adapters(model)
@@ -72,12 +73,14 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = 
                           f"{', '.join(adapters) or '(none; call apply_method first)'}")
     cfg = adapters[adapter_name]
     sd = {k: t.detach().to("cpu").contiguous() for k, t in get_method(cfg.method).state_dict(model, adapter_name).items()}
+    for k, t in sd.items():
+        check_finite(k, t, fix="nothing was written; the adapter's weights are damaged (a diverged run?)")
     meta = adapter_json(model, cfg, adapter_name, base_model_name_or_path)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tmp_w, tmp_c = folder / f".{WEIGHTS_NAME}.tmp-{os.getpid()}", folder / f".{CONFIG_NAME}.tmp-{os.getpid()}"
     try:
-        save_file(sd, str(tmp_w), metadata={"format": "pt"})
+        write_safetensors(sd, tmp_w)
         tmp_c.write_text(json.dumps(meta, indent=2, sort_keys=True))
         os.replace(tmp_w, folder / WEIGHTS_NAME)
         os.replace(tmp_c, folder / CONFIG_NAME)
@@ -100,11 +103,8 @@ def read_adapter_config(path: str | Path) -> tuple[str, MethodConfig, dict[str, 
                               f"{WEIGHTS_NAME}")
     if not f.exists():
         raise CheckpointError(f"{folder}: no {CONFIG_NAME}; this is not a PEFT adapter folder")
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f}: unreadable JSON ({e})") from None
-    if not isinstance(d, dict) or "peft_type" not in d:
+    d = read_json(f, fix="copy it again from where the adapter was trained")
+    if "peft_type" not in d:
         raise CheckpointError(f"{f}: no peft_type field; this is not a PEFT adapter config")
     try:
         spec = method_for_peft_type(d["peft_type"], d)
@@ -186,6 +186,8 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     method, cfg, wfile = check_adapter(model, path)
     spec = get_method(method)
     sd = {(k[:-7] if k.endswith("lora_magnitude_vector.weight") else k): t for k, t in load_file(str(wfile)).items()}
+    for k, t in sd.items():
+        check_finite(k, t, str(wfile))
     prev_active = active_adapters(model)
     spec.apply(model, cfg, adapter_name)
     model_adapters(model)[adapter_name] = cfg

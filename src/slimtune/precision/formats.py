@@ -47,6 +47,13 @@ def parse_dtype(d: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[key]
 
 
+def declared_float(name: object) -> torch.dtype:
+    """The storage dtype a config.json's `dtype` / `torch_dtype` names: fp32, bf16 or fp16, and float32 for anything
+    else (a file's string is only looked up in `DTYPES`, never on torch)."""
+    dt = DTYPES.get(str(name).lower().removeprefix("torch."))
+    return dt if dt is not None and short_name(dt) in FLOAT_NAMES else torch.float32
+
+
 def short_name(dtype: torch.dtype) -> str:
     """The short name of a dtype: torch.bfloat16 -> 'bf16' (the first name `DTYPES` gives it)."""
     return next(k for k, v in DTYPES.items() if v == dtype)

@@ -1,6 +1,7 @@
 """The precision guards. `check_cast`: a cast into a narrower float format must not overflow to inf or flush a whole
-tensor to zero (the Llama 2 bf16-read-as-fp16 failure). `scan_weight`: a weight about to be quantized must be finite,
-and extreme outliers are measured, naming the tensor.
+tensor to zero (the Llama 2 bf16-read-as-fp16 failure), and a float weight is never cast to an integer type.
+`check_finite`: a tensor read or about to be written holds no NaN or inf. `scan_weight`: a weight about to be
+quantized must be finite, and extreme outliers are measured, naming the tensor.
 
 A NaN or inf in a block would spread over its whole block (the absmax becomes NaN/inf), so it is an error. An extreme
 outlier (max |w| many times the tensor's RMS) is legal but costs every other weight of its block or channel its
@@ -21,11 +22,14 @@ OUTLIER_SIGMA = 64.0  # max|w| / rms(w) above this is reported (a Gaussian of 1e
 def check_cast(name: str, t: Tensor, dtype: torch.dtype) -> None:
     """Refuse a cast of tensor `name` into `dtype` that would overflow to inf or flush the whole tensor to zero.
 
-    Only casts into a narrower range are scanned (fp32/bf16 -> fp16, anything -> fp8); widening is always safe.
+    Only casts into a narrower range are scanned (fp32/bf16 -> fp16, anything -> fp8); widening is always safe. A
+    float tensor is never cast to a non-float dtype (that would round every weight to an integer).
 
     Raises:
         PrecisionError: naming the tensor, its max |value| and a dtype that would hold it.
     """
+    if t.is_floating_point():
+        require_float(dtype, f"tensor {name}")
     if not (t.is_floating_point() and dtype.is_floating_point) or t.numel() == 0:
         return
     src, dst = torch.finfo(t.dtype), torch.finfo(dtype)
@@ -43,6 +47,36 @@ def check_cast(name: str, t: Tensor, dtype: torch.dtype) -> None:
     if amax > 0 and amax < tiny / 2:
         raise PrecisionError(f"tensor {name}: every value (max |value| {amax:.3g}) would flush to zero in "
                              f"{str(dtype)[6:]}; load it as float32 instead, or pass --force")
+
+
+def require_float(dtype: torch.dtype, what: str = "the weights") -> None:
+    """Weights are cast only to float dtypes, whatever --force says.
+
+    Raises:
+        PrecisionError: `dtype` is an integer (or bool) type.
+    """
+    if not dtype.is_floating_point:
+        raise PrecisionError(f"{what}: casting float weights to {str(dtype).removeprefix('torch.')} would round every "
+                             "value to an integer; use float32, bfloat16 or float16")
+
+
+DAMAGED = "the file is damaged; re-download or re-save it"
+
+
+def check_finite(name: str, t: Tensor, where: str = "", fix: str = DAMAGED) -> None:
+    """Refuse a float tensor holding NaN or inf (one max-|x| reduction, no temporary of t's size).
+
+    Raises:
+        PrecisionError: "<where>: tensor <name> holds NaN or inf (first at flat index i); <fix>".
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    x = t.detach().float() if t.element_size() == 1 else t.detach()  # fp8: no reductions of its own
+    if math.isfinite(torch.linalg.vector_norm(x, float("inf")).item()):
+        return
+    first = int((~torch.isfinite(x.reshape(-1))).nonzero()[0, 0])
+    raise PrecisionError(f"{where + ': ' if where else ''}tensor {name} holds NaN or inf (first at flat index "
+                         f"{first}); {fix}")
 
 
 def scan_weight(name: str, w: Tensor, fmt: str) -> float:

@@ -136,9 +136,14 @@ def quantize_layers(model: nn.Module, plan: dict[str, str], group_size: int | No
 
 
 # ---- the whole job --------------------------------------------------------------------------------------------------
-def _check_job(fmt: str | None, group_size: int | None, bits: float | None) -> None:
+def _check_job(fmt: str | None, group_size: int | None, bits: float | None, counts: dict[str, int]) -> None:
     """Raise ConfigError unless exactly one of fmt / bits is given, the format is one PTQ offers, a group size goes
-    only with a grouped format, and the budget is one 2-8 bit layers can average."""
+    only with a grouped format, the budget is one 2-8 bit layers can average, and the counts are in range
+    (`counts`: flag -> value; --max-length needs 2, the others 1)."""
+    for flag, n in counts.items():
+        low = 2 if flag == "--max-length" else 1
+        if n is not None and n < low:
+            raise ConfigError(f"quantize: {flag} {n} is too small; fix: give {low} or more")
     if (fmt is None) == (bits is None):
         raise ConfigError("quantize: give either --format (one format for every layer) or --bits (a mixed budget)")
     if fmt is not None and fmt not in PTQ_FORMATS:
@@ -177,7 +182,8 @@ def quantize_checkpoint(model_path: str | Path, out: str | Path, fmt: str | None
     from slimtune.quant.linear import QuantLinear, linear_names
     from slimtune.quant.mixed import allocate_bits, layer_format, measure_sensitivity
 
-    _check_job(fmt, group_size, bits)
+    _check_job(fmt, group_size, bits, {"--group": group_size, "--max-length": max_length,
+                                       "--eval-limit": eval_limit, "--calib-rows": calib_rows})
     t0 = time.perf_counter()
     model, _ = load_model(model_path, device=device)
     require_decoder(model, "post-training quantization")

@@ -49,9 +49,9 @@ def detect_quant(adapter_dir: str | Path) -> str | None:
     folder = Path(adapter_dir)
     try:
         d = json.loads((folder / "adapter_config.json").read_text())
-        if d.get("slimtune_quant"):
+        if isinstance(d, dict) and d.get("slimtune_quant"):
             return str(d["slimtune_quant"])
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # unreadable: the adapter reader says why, in one line
         pass
     for cfg in (folder / "config.yaml", folder.parent / "config.yaml"):
         if cfg.exists():
@@ -59,7 +59,7 @@ def detect_quant(adapter_dir: str | Path) -> str | None:
 
             try:
                 y = yaml.safe_load(cfg.read_text()) or {}
-            except yaml.YAMLError:
+            except (yaml.YAMLError, ValueError, RecursionError):
                 continue
             if isinstance(y, dict) and y.get("method") == "qlora":
                 return str(y.get("quant") or "nf4")

@@ -85,7 +85,7 @@ def build(opts: ServeOptions) -> Served:
         SlimtuneError: a missing or damaged model or adapter folder, an adapter that does not fit, bad options.
     """
     from slimtune.models import load_model, load_tokenizer
-    from slimtune.commands.generate import pick_device
+    from slimtune.train.build import pick_device
     from slimtune.models.decoder import Decoder
     from slimtune.models.fallback import require_decoder
 
@@ -104,7 +104,7 @@ def build(opts: ServeOptions) -> Served:
         if q and q != opts.quantize:
             log.warning("adapter %s was trained on a %s base; serve it with --quantize %s to compute against the "
                         "weights it learned on", name, q, q)
-    device = pick_device(opts.device)
+    device = str(pick_device(opts.device))
     model, cfg = load_model(opts.model, dtype=opts.dtype, device=device, quantize=opts.quantize)
     require_decoder(model, "serve (its paged KV cache)")
     tokenizer = load_tokenizer(opts.model)

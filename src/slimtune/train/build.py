@@ -16,16 +16,28 @@ PROMPT_METHODS = ("prompt", "prefix", "ptuning")
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu.
+    """'auto' -> cuda when available, else cpu; otherwise cpu, cuda, cuda:N (or mps) when that device exists.
 
     Raises:
-        ConfigError: a CUDA device asked for where none is visible.
+        ConfigError: a name torch does not know, or a device this machine does not have.
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA GPU is visible; fix: device=cpu or device=auto")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={name} is not a device name; fix: device=auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but no CUDA GPU is visible; fix: device=cpu or device=auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA GPU(s) are visible; fix: "
+                              "device=cuda:0 or device=auto")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name} but no Apple GPU (MPS) is available; fix: device=cpu or device=auto")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={name}: slimtune runs on cpu, cuda or mps; fix: device=auto")
+    return dev
 
 
 def method_config(cfg: TrainConfig):

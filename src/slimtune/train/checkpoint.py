@@ -9,7 +9,7 @@ earlier checkpoint whole; only the last `keep_last` are kept.
 """
 from __future__ import annotations
 
-import json
+import os
 import random
 import re
 import shutil
@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 from slimtune.errors import CheckpointError
 from slimtune.io.folders import remove_folder, write_folder_atomically, write_json
-from slimtune.io.safetensors import read_safetensors_header
+from slimtune.io.jsonfile import read_json
+from slimtune.io.safetensors import read_safetensors_header, write_safetensors
+from slimtune.precision.guard import check_finite
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -53,6 +55,20 @@ def set_rng_state(js: dict[str, Any], tensors: dict[str, Tensor]) -> None:
     if cuda and torch.cuda.is_available():
         n = min(len(cuda), torch.cuda.device_count())
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda[:n]])
+
+
+def numerics_env(device: torch.device) -> dict[str, Any]:
+    """What orders floating-point sums besides the data and the seed: torch's version and the device; on the CPU the
+    intra-op thread count (ATen splits a large reduction into one partial sum per thread), the vector ISA ATen
+    dispatches to, and OMP_DYNAMIC (with which OpenMP hands a parallel region fewer threads when the machine's load
+    average is high). A run resumed under other values is not bitwise equal to an uninterrupted one."""
+    env: dict[str, Any] = {"torch": torch.__version__, "device": device.type}
+    if device.type == "cpu":
+        env.update(threads=torch.get_num_threads(), isa=torch.backends.cpu.get_cpu_capability(),
+                   omp_dynamic=os.environ.get("OMP_DYNAMIC", "").strip().lower() in ("1", "true", "yes"))
+    elif device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device))
+    return env
 
 
 # ---- optimizer state as tensors + JSON ------------------------------------------------------------------------------
@@ -103,9 +119,7 @@ def trainable_state(model: nn.Module) -> dict[str, Tensor]:
 # ---- writing --------------------------------------------------------------------------------------------------------
 def write_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     """One safetensors file of a checkpoint (the folder writer fsyncs it)."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    write_safetensors(tensors, path)
 
 
 def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
@@ -133,16 +147,21 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer:
         extra: other tensors of the run (`load_checkpoint` returns them as state['extra']).
     Returns:
         The checkpoint folder.
+    Raises:
+        PrecisionError: a trainable weight or an optimizer tensor holds NaN or inf (nothing is written).
     """
+    opt_js, opt_t = flatten_optimizer(optimizer.state_dict())
+    weights = trainable_state(model)
+    for name, t in [*weights.items(), *opt_t.items()]:  # "the last good checkpoint" must be good
+        check_finite(name, t, fix="no checkpoint was written")
+    rng_js, rng_t = rng_state()
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".step-*"):  # temporary folders of writes that were killed
         shutil.rmtree(stale, ignore_errors=True)
-    opt_js, opt_t = flatten_optimizer(optimizer.state_dict())
-    rng_js, rng_t = rng_state()
 
     def fill(tmp: Path) -> None:
-        write_tensors(trainable_state(model), tmp / "weights.safetensors")
+        write_tensors(weights, tmp / "weights.safetensors")
         ext = {f"extra.{k}": v.detach().to("cpu").contiguous() for k, v in (extra or {}).items()}
         write_tensors({**opt_t, **rng_t, **ext}, tmp / "state.safetensors")
         full = {"format": FORMAT, "step": step, **state, "optimizer": opt_js, "rng": rng_js,
@@ -173,6 +192,31 @@ def find_checkpoint(out_dir: str | Path, resume: str) -> Path | None:
     return p
 
 
+def read_state(path: str | Path) -> dict[str, Any]:
+    """The checked state.json of checkpoint folder `path`: an object with the step, the data position, the
+    optimizer index, the RNG states and the run's config, each of the right type.
+
+    Raises:
+        CheckpointError: a missing, truncated, non-UTF-8 or malformed state.json (naming the key at fault).
+    """
+    f = Path(path) / "state.json"
+    fix = "resume from an earlier checkpoint (resume=OUT/checkpoints/step-N) or start in a new out_dir"
+    state = read_json(f, fix=fix)
+    want = {"step": int, "data": dict, "optimizer": dict, "rng": dict, "config": dict}
+    parts = [("", k, state.get(k), t) for k, t in want.items()]
+    parts += [("data.", k, (state.get("data") or {}).get(k), int) for k in ("epoch", "index", "seed", "size",
+                                                                         "batch_size")]
+    parts += [("optimizer.", k, (state.get("optimizer") or {}).get(k), t) for k, t in (("state", dict),
+                                                                                      ("param_groups", list))]
+    parts += [("rng.", k, (state.get("rng") or {}).get(k), list) for k in ("python", "numpy")]
+    for prefix, k, v, t in parts:
+        if not isinstance(v, t) or isinstance(v, bool) or (t is int and v < 0):
+            raise CheckpointError(f"{f}: {prefix}{k} is missing or not a{'n' if t is int else ''} "
+                                  f"{'non-negative integer' if t is int else t.__name__}; the file is damaged; "
+                                  f"fix: {fix}")
+    return state
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: "torch.amp.GradScaler | None" = None) -> dict[str, Any]:
     """Restore weights, optimizer, scaler and RNGs from a checkpoint folder; return its JSON state (step, data, ...)
@@ -181,33 +225,40 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     Raises:
         CheckpointError: missing or damaged files, or trainable parameters that differ from the checkpoint's
             (another method or model).
+        PrecisionError: a weight or optimizer tensor holding NaN or inf.
     """
     from safetensors.torch import load_file
 
     path = Path(path)
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}/state.json: unreadable ({type(e).__name__}); resume from an earlier "
-                              "checkpoint") from None
+    state = read_state(path)
     for f in ("weights.safetensors", "state.safetensors"):
-        read_safetensors_header(path / f)  # a clear error for a missing or truncated file
+        read_safetensors_header(path / f)  # a clear error for a missing, truncated or malformed file
     weights = load_file(str(path / "weights.safetensors"))
+    tensors = load_file(str(path / "state.safetensors"))
+    earlier = "resume from an earlier checkpoint (resume=OUT/checkpoints/step-N)"
+    for f, part in (("weights.safetensors", weights), ("state.safetensors", tensors)):
+        for name, t in part.items():
+            check_finite(name, t, str(path / f), fix=earlier)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != set(params):
         extra = sorted(set(weights) ^ set(params))[0]
         raise CheckpointError(f"{path}: trainable parameter {extra} is in only one of the checkpoint and the model; "
                               "fix: resume with the same model and method settings")
+    for n, p in params.items():
+        if weights[n].shape != p.shape:
+            raise CheckpointError(f"{path}: {n} has shape {tuple(weights[n].shape)}, the model "
+                                  f"{tuple(p.shape)}; fix: resume with the same method settings")
+    try:
+        optimizer.load_state_dict(unflatten_optimizer(state["optimizer"], tensors))
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], tensors)
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: the optimizer / RNG state in state.json and state.safetensors does not fit "
+                              f"this run ({type(e).__name__}: {' '.join(str(e).split())[:120]}); resume from an "
+                              "earlier checkpoint") from None
     with torch.no_grad():
         for n, p in params.items():
-            if weights[n].shape != p.shape:
-                raise CheckpointError(f"{path}: {n} has shape {tuple(weights[n].shape)}, the model "
-                                      f"{tuple(p.shape)}; fix: resume with the same method settings")
             p.copy_(weights[n])
-    tensors = load_file(str(path / "state.safetensors"))
-    optimizer.load_state_dict(unflatten_optimizer(state["optimizer"], tensors))
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"], tensors)
     state["extra"] = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return state

@@ -20,8 +20,9 @@ from slimtune.optim.build import OPTIMIZERS
 from slimtune.optim.schedules import SCHEDULES
 from slimtune.peft.base import DeclaredOption, declared_options
 from slimtune.precision.policy import BASE_DTYPES, PRECISIONS
-from slimtune.train.keys import alias_map, resolve_key, unknown_key_hint
+from slimtune.train.keys import INSTEAD, RUN_ALIASES, alias_map, resolve_key, unknown_key_hint
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 # run keys that must match between a checkpoint and the run resuming from it (else the numerics differ); the method
 # options that must match are declared by the methods themselves (`option(..., resume=True)`)
 RESUME_KEYS = ("model", "method", "method_args", "quant", "data", "data_format", "template", "train_on_prompt",
@@ -29,29 +30,6 @@ RESUME_KEYS = ("model", "method", "method_args", "quant", "data", "data_format",
                "warmup_steps", "warmup_ratio", "schedule", "weight_decay", "betas", "optimizer", "seed", "from_scratch",
                "galore_rank", "galore_update_interval", "galore_scale", "stochastic_rounding")
 
-# other spellings of run keys, as torchtune, axolotl, transformers' TrainingArguments and TRL write them (same meaning
-# and values): read as the key, never written back. Method options declare theirs on their field
-# (`peft.base.option(..., aliases=...)`: lora_r, lora_rank, lora_alpha, lora_dropout, lora_target_modules, ...).
-RUN_ALIASES: dict[str, tuple[str, ...]] = {
-    "model": ("base_model", "model_name_or_path"), "method": ("adapter",),
-    "data": ("train_file",), "max_length": ("sequence_len", "max_seq_length", "max_seq_len", "cutoff_len"),
-    "packing": ("sample_packing", "packed"), "train_on_prompt": ("train_on_inputs",), "val_fraction": ("val_set_size",),
-    "grad_ckpt": ("gradient_checkpointing", "enable_activation_checkpointing"),
-    "batch_size": ("micro_batch_size", "per_device_train_batch_size"), "grad_accum": ("gradient_accumulation_steps",),
-    "epochs": ("num_epochs", "num_train_epochs"), "lr": ("learning_rate",), "warmup_steps": ("num_warmup_steps",),
-    "schedule": ("lr_scheduler", "lr_scheduler_type"), "max_grad_norm": ("clip_grad_norm",),
-    "eval_every": ("eval_steps",), "save_every": ("save_steps",), "keep_last": ("save_total_limit",),
-    "resume": ("resume_from_checkpoint",), "out_dir": ("output_dir",), "log_every": ("logging_steps",),
-}
-# foreign keys whose value means something else than here: refused with the slimtune setting to write instead
-INSTEAD: dict[str, str] = {
-    "lora_target_linear": "targets=all-linear", "load_in_4bit": "method=qlora (quant=nf4)",
-    "load_in_8bit": "method=qlora quant=int8", "bf16": "precision=bf16-mixed (or bf16-true)",
-    "fp16": "precision=fp16-mixed", "optim": "optimizer=adamw, adamw8bit or sgd",
-    "datasets": "data=FILE (a .json / .jsonl / .parquet file, or a list of them)",
-    "lora_attn_modules": "targets=q_proj,k_proj,v_proj,o_proj (or all-linear)",
-    "_component_": "method=..., optimizer=... and schedule=... (slimtune builds the objects itself)",
-}
 
 
 @dataclass
@@ -124,14 +102,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check value ranges and choices; raises ConfigError (one line naming the key and the fix)."""
+        for key, value in self.to_dict().items():
+            check_finite_numbers(key, value)
         choices = {"precision": PRECISIONS, "schedule": SCHEDULES, "optimizer": OPTIMIZERS,
                    "base_dtype": BASE_DTYPES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        for key in ("batch_size", "grad_accum", "max_length", "log_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key, low in (("batch_size", 1), ("grad_accum", 1), ("max_length", 2), ("log_every", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"{key} must be >= {low}, got {getattr(self, key)}")
         for key in ("warmup_steps", "eval_every", "save_every", "keep_last", "lr", "min_lr", "weight_decay",
                     "max_grad_norm"):
             if getattr(self, key) < 0:
@@ -142,8 +122,13 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.max_steps is None and self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
-        if len(self.betas) != 2:
-            raise ConfigError(f"betas needs two numbers, e.g. [0.9, 0.999], got {self.betas}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas needs two numbers in [0, 1), e.g. [0.9, 0.999], got {self.betas}")
+        for key in ("data_limit", "eval_batches"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1 (or null for no limit), got {getattr(self, key)}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         # YAML reads a bare off / on as false / true
         self.kernels = {False: "off", True: "on"}.get(self.kernels, self.kernels)
         self.cuda_graph = {False: "off", True: "auto"}.get(self.cuda_graph, self.cuda_graph)
@@ -180,6 +165,22 @@ class TrainConfig:
             else:
                 out[k] = v
         return out
+
+
+def check_finite_numbers(key: str, value: Any) -> None:
+    """Every float in a config value (lists and mappings included) must be finite, and fit a float32 (where the
+    optimizer uses it): YAML reads .nan, .inf and 1e400.
+
+    Raises:
+        ConfigError: naming the key and the value.
+    """
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+    for v in items:
+        if isinstance(v, (dict, list, tuple)):
+            check_finite_numbers(key, v)
+        elif isinstance(v, float) and not abs(v) <= FLOAT32_MAX:  # NaN fails this too
+            raise ConfigError(f"{key}={value!r} is not a finite number (of at most {FLOAT32_MAX:.3g}, what float32 "
+                              f"holds); fix: give {key} a finite value")
 
 
 def flat_options() -> dict[str, DeclaredOption]:
@@ -266,7 +267,7 @@ def _parse_scalar(text: str) -> Any:
 
     try:
         return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return text
 
 
@@ -361,6 +362,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             mark = getattr(e, "problem_mark", None)
             at = f" line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{p}:{at} not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        except (RecursionError, UnicodeDecodeError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else "not UTF-8 text"
+            raise ConfigError(f"{p}: {why} to read as a config; fix: one 'key: value' per line") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping of key: value lines, got a {type(data).__name__}")
         seen: dict[str, str] = {}

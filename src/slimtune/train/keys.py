@@ -1,5 +1,5 @@
 """The names a run key may be written as: its own; an alias (the torchtune / axolotl / transformers / PEFT spelling,
-declared once: run keys in `train.config.RUN_ALIASES`, method options on their field with `option(..., aliases=)`);
+declared once: run keys in `RUN_ALIASES` below, method options on their field with `option(..., aliases=)`);
 or a dotted form. For a name that is none of these: a suggestion that names a real key, or what to write instead.
 
 Dotted forms (also nested YAML mappings under a section name, e.g. `optimizer: {lr: 1e-4}`):
@@ -20,6 +20,30 @@ DOTTED_SECTIONS = ("training", "train", "trainer", "optimizer", "optim", "lr_sch
 # difflib ratio for "did you mean": typos score 0.8-0.95 ('bach_size' / batch_size 0.95, 'lrr' / lr 0.8); unrelated
 # names that share letters stay below ('lora_r' / log_every 0.4, which a cutoff of 0.5 still let through once)
 SUGGEST_CUTOFF = 0.75
+
+# other spellings of run keys, as torchtune, axolotl, transformers' TrainingArguments and TRL write them (same meaning
+# and values): read as the key, never written back. Method options declare theirs on their field
+# (`peft.base.option(..., aliases=...)`: lora_r, lora_rank, lora_alpha, lora_dropout, lora_target_modules, ...).
+RUN_ALIASES: dict[str, tuple[str, ...]] = {
+    "model": ("base_model", "model_name_or_path"), "method": ("adapter",),
+    "data": ("train_file",), "max_length": ("sequence_len", "max_seq_length", "max_seq_len", "cutoff_len"),
+    "packing": ("sample_packing", "packed"), "train_on_prompt": ("train_on_inputs",), "val_fraction": ("val_set_size",),
+    "grad_ckpt": ("gradient_checkpointing", "enable_activation_checkpointing"),
+    "batch_size": ("micro_batch_size", "per_device_train_batch_size"), "grad_accum": ("gradient_accumulation_steps",),
+    "epochs": ("num_epochs", "num_train_epochs"), "lr": ("learning_rate",), "warmup_steps": ("num_warmup_steps",),
+    "schedule": ("lr_scheduler", "lr_scheduler_type"), "max_grad_norm": ("clip_grad_norm",),
+    "eval_every": ("eval_steps",), "save_every": ("save_steps",), "keep_last": ("save_total_limit",),
+    "resume": ("resume_from_checkpoint",), "out_dir": ("output_dir",), "log_every": ("logging_steps",),
+}
+# foreign keys whose value means something else than here: refused with the slimtune setting to write instead
+INSTEAD: dict[str, str] = {
+    "lora_target_linear": "targets=all-linear", "load_in_4bit": "method=qlora (quant=nf4)",
+    "load_in_8bit": "method=qlora quant=int8", "bf16": "precision=bf16-mixed (or bf16-true)",
+    "fp16": "precision=fp16-mixed", "optim": "optimizer=adamw, adamw8bit or sgd",
+    "datasets": "data=FILE (a .json / .jsonl / .parquet file, or a list of them)",
+    "lora_attn_modules": "targets=q_proj,k_proj,v_proj,o_proj (or all-linear)",
+    "_component_": "method=..., optimizer=... and schedule=... (slimtune builds the objects itself)",
+}
 
 
 def alias_map(run_aliases: Mapping[str, Collection[str]],

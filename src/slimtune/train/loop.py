@@ -4,7 +4,6 @@ stops without saving. `train(cfg)` runs a whole fine-tuning; `Run` holds one whi
 """
 from __future__ import annotations
 
-import json
 import random
 import signal
 import threading
@@ -18,11 +17,12 @@ import torch
 from torch import nn
 
 from slimtune import kernels
-from slimtune.errors import ConfigError
+from slimtune.errors import ConfigError, PrecisionError, StorageError
 from slimtune.models.fallback import fallback_note
 from slimtune.optim.schedules import lr_at, total_steps, warmup_count
 from slimtune.train.build import build_data, build_model, build_optimizer, pick_device, predict_memory
-from slimtune.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from slimtune.train.checkpoint import (find_checkpoint, load_checkpoint, numerics_env, read_state,
+                                       save_checkpoint)
 from slimtune.train.config import TrainConfig, resume_keys, save_config
 from slimtune.train.evaluate import evaluate
 from slimtune.train.graphed import GraphedStep
@@ -69,9 +69,13 @@ class Run:
         from slimtune.models.tokenizer import load_tokenizer
 
         self.cfg, self.log, self.out = cfg, log, Path(cfg.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"out_dir={self.out} is a file; fix: choose a folder for the run's outputs")
         seed_everything(cfg.seed)
         self.device = pick_device(cfg.device)
+        if numerics_env(self.device).get("omp_dynamic"):
+            log("note: OMP_DYNAMIC is on: OpenMP gives CPU ops fewer threads when the machine is busy, which reorders "
+                "their sums; unset it for runs that reproduce bitwise")
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         self.train_ds, self.val_ds, self.data_summary = build_data(cfg, self.tokenizer)
         d = self.data_summary
@@ -95,12 +99,13 @@ class Run:
         self.total = total_steps(cfg.max_steps, cfg.epochs, self.it.batches_per_epoch, cfg.grad_accum)
         self.step, self.last_ckpt = 0, None
         self._resume()  # before anything is written, so a refused resume changes nothing on disk
+        self.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out / "config.yaml")
         self.metrics_path = self.out / "metrics.jsonl"
         if self.step == 0:
             self.metrics_path.unlink(missing_ok=True)
         else:
-            truncate_metrics(self.metrics_path, self.step)
+            truncate_metrics(self.metrics_path, self.step, final=self.step >= self.total)
         self.logger = MetricsLogger(self.out, cfg.log_tensorboard, purge_step=self.step + 1 if self.step else None)
         self.t_train, self.tok_done, self.last = 0.0, 0, {}
 
@@ -123,8 +128,14 @@ class Run:
         if ckpt is None:
             self.log(f"resume=latest: no checkpoint in {self.out / 'checkpoints'} yet; starting from step 0")
             return
-        check_resume(json.loads((ckpt / "state.json").read_text()).get("config", {}), self.cfg, ckpt)
+        check_resume(read_state(ckpt)["config"], self.cfg, ckpt)
         state = load_checkpoint(ckpt, self.model, self.optimizer, self.scaler)
+        saved, now = state.get("numerics") or {}, numerics_env(self.device)
+        diff = [k for k in now if k in saved and saved[k] != now[k]]
+        if diff:
+            self.log(f"note: {ckpt} was written with {', '.join(f'{k}={saved[k]}' for k in diff)}, this run has "
+                     f"{', '.join(f'{k}={now[k]}' for k in diff)}: sums are ordered differently, so the losses can "
+                     "differ from an uninterrupted run in the last digits")
         self.it.load_state_dict(state["data"])
         self.step, self.last_ckpt = int(state["step"]), ckpt
         if self.relora is not None:
@@ -132,12 +143,29 @@ class Run:
         self.log(f"resumed from {ckpt} at step {self.step}")
 
     # ---- pieces of the run --------------------------------------------------------------------------------------
+    def stopped(self) -> str:
+        """Where the run can go on from, for the message of an error that stops it."""
+        return f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved yet"
+
     def checkpoint(self) -> Path:
-        state = {"data": self.it.state_dict(), "config": self.cfg.to_dict(),
+        """Save a checkpoint of the current step; one whose weights or optimizer state are not finite is refused.
+
+        Raises:
+            TrainingError: NaN / inf in a trainable weight or the optimizer state (nothing written).
+            StorageError: the disk refused the write (the earlier checkpoints stay whole).
+        """
+        state = {"data": self.it.state_dict(), "config": self.cfg.to_dict(), "numerics": numerics_env(self.device),
                  "scheduler": {"step": self.step, "total": self.total}}
         extra = self.relora.state_tensors() if self.relora is not None else None
-        return save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.scaler,
-                               self.cfg.keep_last, extra)
+        try:
+            return save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.scaler,
+                                   self.cfg.keep_last, extra)
+        except PrecisionError as e:
+            raise TrainingError(f"step {self.step}: {e}; the run stopped, {self.stopped()}; fix: lower lr (now "
+                                f"{self.cfg.lr:g}), raise warmup_steps or set max_grad_norm") from None
+        except StorageError as e:
+            raise StorageError(f"checkpoint of step {self.step} not written: {e}; {self.stopped()}, continue "
+                               "from it with resume=latest") from None
 
     def run_eval(self) -> dict[str, float] | None:
         if self.val_ds is None:
@@ -166,8 +194,7 @@ class Run:
                 res = train_step(self.model, micro, self.optimizer, self.scaler, self.prec, self.device,
                                  cfg.max_grad_norm, self.params, cfg.offload_activations, cfg.chunked_loss)
         except TrainingError as e:
-            where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved yet"
-            raise TrainingError(f"step {self.step + 1}: {e}; the run stopped, {where}; fix: lower lr (now "
+            raise TrainingError(f"step {self.step + 1}: {e}; the run stopped, {self.stopped()}; fix: lower lr (now "
                                 f"{cfg.lr:g}), raise warmup_steps, set max_grad_norm, or use precision=fp32 / "
                                 "bf16-mixed") from None
         if self.device.type == "cuda":
@@ -215,7 +242,7 @@ class Run:
                         bar.write(f"step {self.step}: validation loss {ev['val_loss']:.4f}")
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
                     self.last_ckpt = self.checkpoint()
-        except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint stays as it was
+        except BaseException:  # a second Ctrl-C or an error: stop now, the last checkpoint stays as it was
             bar.close()
             self.logger.close()
             raise
@@ -257,7 +284,11 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
     if val_before:
         log(f"validation loss before training: {val_before['val_loss']:.4f} (perplexity {val_before['val_ppl']:.2f})")
     interrupted = run.fit()
-    run.last_ckpt = run.checkpoint()
+    try:
+        run.last_ckpt = run.checkpoint()
+    except BaseException:
+        run.logger.close()
+        raise
     val_after = None
     if interrupted:
         log(f"interrupted at step {run.step}: checkpoint saved to {run.last_ckpt}; continue with resume=latest")

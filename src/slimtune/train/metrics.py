@@ -22,11 +22,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int, final: bool = False) -> None:
     """Drop lines after `step` (written by a run that died after its last checkpoint), so a resumed run's file reads
-    as that of an uninterrupted one."""
+    as that of an uninterrupted one. `final`: `step` is the last step, whose validation line follows its checkpoint
+    (and is written again by the resumed run), so it goes too."""
     if path.exists():
-        keep = [json.dumps(r) for r in read_metrics(path) if r.get("step", 0) <= step]
+        keep = [json.dumps(r) for r in read_metrics(path) if r.get("step", 0) < step or
+                (r.get("step", 0) == step and not (final and "val_loss" in r))]
         path.write_text("".join(line + "\n" for line in keep))
 
 
