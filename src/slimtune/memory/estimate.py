@@ -72,6 +72,7 @@ class EstimateInput:
     kernels: bool | None = None  # the fused kernels' path (slimtune.kernels); None: on for device "cuda"
     chunked_loss: bool = True  # the loss from the hidden states in chunks (train.loss.lm_head_loss)
     loss_chunk: int | None = None  # rows per chunk; None: kernels.cross_entropy.default_chunk(vocab)
+    gpus: int = 1  # FSDP2 over this many GPUs: the peak of one of them (whose loss is never chunked)
 
     def validate(self) -> None:
         """Raises ConfigError on an unknown method / precision / optimizer / offload or a non-positive size."""

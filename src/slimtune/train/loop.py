@@ -26,7 +26,7 @@ from slimtune.train.config import TrainConfig, resume_keys, save_config
 from slimtune.train.evaluate import evaluate
 from slimtune.train.graphed import GraphedStep
 from slimtune.train.graphed import supported as graph_supported
-from slimtune.train.metrics import MetricsLogger, plot_losses, truncate_metrics
+from slimtune.train.metrics import MetricsLogger, NullLogger, plot_losses, truncate_metrics
 from slimtune.train.step import TrainingError, train_step
 
 
@@ -59,7 +59,13 @@ def check_resume(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
 
 
 class Run:
-    """One fine-tuning run: its model, data, optimizer, position and outputs in `cfg.out_dir`."""
+    """One fine-tuning run: its model, data, optimizer, position and outputs in `cfg.out_dir`.
+
+    The methods `setup_device`, `build`, `load`, `checkpoint`, `run_eval`, `train_micro`, `agree` and `save_final`
+    are where a run on several processes (`dist_run.DistRun`) differs; `main` is False on the ranks that write nothing.
+    """
+
+    main = True
 
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
         """Build everything (data first, so bad data fails before the model loads) and resume if asked."""
@@ -69,15 +75,14 @@ class Run:
         self.cfg, self.log, self.out = cfg, log, Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
-        self.device = pick_device(cfg.device)
+        self.device = self.setup_device()
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         self.train_ds, self.val_ds, self.data_summary = build_data(cfg, self.tokenizer)
         d = self.data_summary
         log(f"data: {d['examples']} training examples in {d['rows']} rows of <= {cfg.max_length} tokens "
             f"({d['format']}, template {d['template']}), {d['val_examples']} validation; {d['truncated']} truncated, "
             f"{d['dropped']} dropped")
-        predict_memory(cfg, self.device, log)
-        self.model, self.prec, self.counts = build_model(cfg, self.device)
+        self.model, self.prec, self.counts = self.build()
         log(self.prec.describe())
         c = self.counts
         log(f"method {cfg.method}: trainable params {c['trainable']:,} of {c['total']:,} ({c['percent']:.4f}%) on "
@@ -90,13 +95,14 @@ class Run:
         self.total = total_steps(cfg.max_steps, cfg.epochs, self.it.batches_per_epoch, cfg.grad_accum)
         self.step, self.last_ckpt = 0, None
         self._resume()  # before anything is written, so a refused resume changes nothing on disk
-        save_config(cfg, self.out / "config.yaml")
         self.metrics_path = self.out / "metrics.jsonl"
-        if self.step == 0:
-            self.metrics_path.unlink(missing_ok=True)
-        else:
-            truncate_metrics(self.metrics_path, self.step)
-        self.logger = MetricsLogger(self.out, cfg.log_tensorboard)
+        if self.main:
+            save_config(cfg, self.out / "config.yaml")
+            if self.step == 0:
+                self.metrics_path.unlink(missing_ok=True)
+            else:
+                truncate_metrics(self.metrics_path, self.step)
+        self.logger = MetricsLogger(self.out, cfg.log_tensorboard) if self.main else NullLogger()
         self.t_train, self.tok_done, self.last = 0.0, 0, {}
 
     def _graphed(self) -> GraphedStep | None:
@@ -118,17 +124,51 @@ class Run:
         if ckpt is None:
             self.log(f"resume=latest: no checkpoint in {self.out / 'checkpoints'} yet; starting from step 0")
             return
-        check_resume(json.loads((ckpt / "state.json").read_text()).get("config", {}), self.cfg, ckpt)
-        state = load_checkpoint(ckpt, self.model, self.optimizer, self.scaler)
+        saved = json.loads((ckpt / "state.json").read_text())
+        check_resume(saved.get("config", {}), self.cfg, ckpt)
+        state = self.load(ckpt, saved)
         self.it.load_state_dict(state["data"])
         self.step, self.last_ckpt = int(state["step"]), ckpt
         self.log(f"resumed from {ckpt} at step {self.step}")
 
     # ---- pieces of the run --------------------------------------------------------------------------------------
+    def setup_device(self) -> torch.device:
+        return pick_device(self.cfg.device)
+
+    def build(self) -> tuple[nn.Module, Any, dict[str, Any]]:
+        """(model, precision, counts): the memory prediction, then `build_model`."""
+        predict_memory(self.cfg, self.device, self.log)
+        return build_model(self.cfg, self.device)
+
+    def load(self, ckpt: Path, saved: dict[str, Any]) -> dict[str, Any]:
+        """Restore from checkpoint folder `ckpt` (whose state.json is `saved`): one written by one process, or a
+        sharded one (`dist_checkpoint`, from any number of processes)."""
+        if saved.get("layout") == "dcp":
+            from slimtune.train.dist_checkpoint import load_sharded
+
+            return load_sharded(ckpt, self.model, self.optimizer, device=self.device)
+        return load_checkpoint(ckpt, self.model, self.optimizer, self.scaler)
+
+    def train_micro(self, micro: list[dict]) -> dict[str, Any]:
+        """One eager optimizer step over the micro-batches (`train_step`)."""
+        cfg = self.cfg
+        return train_step(self.model, micro, self.optimizer, self.scaler, self.prec, self.device, cfg.max_grad_norm,
+                          self.params, cfg.offload_activations, cfg.chunked_loss)
+
+    def agree(self, stop: bool) -> bool:
+        """Whether to stop now (on several processes: all of them together)."""
+        return stop
+
+    def save_final(self) -> Path:
+        return save_result(self.model, self.cfg, self.tokenizer, self.out)
+
+    def run_state(self) -> dict[str, Any]:
+        """The JSON part of a checkpoint: data position, config, scheduler position."""
+        return {"data": self.it.state_dict(), "config": self.cfg.to_dict(),
+                "scheduler": {"step": self.step, "total": self.total}}
+
     def checkpoint(self) -> Path:
-        state = {"data": self.it.state_dict(), "config": self.cfg.to_dict(),
-                 "scheduler": {"step": self.step, "total": self.total}}
-        return save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.scaler,
+        return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.run_state(), self.scaler,
                                self.cfg.keep_last)
 
     def run_eval(self) -> dict[str, float] | None:
@@ -149,11 +189,7 @@ class Run:
         t0 = time.perf_counter()
         micro = [next(self.it) for _ in range(cfg.grad_accum)]
         try:
-            if self.graphed is not None:
-                res = self.graphed(micro, lr)
-            else:
-                res = train_step(self.model, micro, self.optimizer, self.scaler, self.prec, self.device,
-                                 cfg.max_grad_norm, self.params, cfg.offload_activations, cfg.chunked_loss)
+            res = self.graphed(micro, lr) if self.graphed is not None else self.train_micro(micro)
         except TrainingError as e:
             where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved yet"
             raise TrainingError(f"step {self.step + 1}: {e}; the run stopped, {where}; fix: lower lr (now "
@@ -191,14 +227,14 @@ class Run:
             torch.cuda.reset_peak_memory_stats(self.device)
         bar = tqdm(total=self.total, initial=self.step, disable=not cfg.progress, dynamic_ncols=True, desc="train")
         try:
-            while self.step < self.total and not stop["flag"]:
+            while self.step < self.total and not self.agree(stop["flag"]):
                 row = self.one_step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                                 tok_s=f"{self.tok_done / self.t_train:,.0f}", mem=f"{row['peak_mem_gib']:.2f}G")
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total:
                     ev = self.run_eval()
-                    if ev:
+                    if ev and self.main:
                         bar.write(f"step {self.step}: validation loss {ev['val_loss']:.4f}")
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
                     self.last_ckpt = self.checkpoint()
@@ -210,7 +246,7 @@ class Run:
             if main_thread:
                 signal.signal(signal.SIGINT, old_handler)
         bar.close()
-        return stop["flag"] and self.step < self.total
+        return self.agree(stop["flag"]) and self.step < self.total
 
     def summary(self, val_before, val_after, interrupted: bool, final: Path | None, plot: Path | None) -> dict:
         return {"steps": self.step, "total_steps": self.total, "loss": self.last.get("loss"),
@@ -223,7 +259,7 @@ class Run:
                 "model": self.model, "tokenizer": self.tokenizer}
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, run_cls: type[Run] | None = None) -> dict[str, Any]:
     """Run a whole fine-tuning: build, (resume,) train, evaluate, checkpoint, save the result.
 
     Outputs in cfg.out_dir: config.yaml, metrics.jsonl, loss.png, checkpoints/step-N/, and adapter/ (PEFT format)
@@ -235,29 +271,32 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         SlimtuneError subclasses for bad config, data, checkpoints; TrainingError when the loss diverges.
     """
     with kernels.use(cfg.kernels):
-        return _train(cfg, log)
+        return _train(cfg, log, run_cls or Run)
 
 
-def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    run = Run(cfg, log)
+def _train(cfg: TrainConfig, log: Callable[[str], None], run_cls: type[Run]) -> dict[str, Any]:
+    """`train` inside its kernel setting; `run_cls`: `Run`, or `dist_run.DistRun` in a torchrun process."""
+    run = run_cls(cfg, log)
     val_before = run.run_eval() if run.step == 0 else None
     if val_before:
-        log(f"validation loss before training: {val_before['val_loss']:.4f} (perplexity {val_before['val_ppl']:.2f})")
+        run.log(f"validation loss before training: {val_before['val_loss']:.4f} (perplexity "
+                f"{val_before['val_ppl']:.2f})")
     interrupted = run.fit()
     run.last_ckpt = run.checkpoint()
     val_after = None
     if interrupted:
-        log(f"interrupted at step {run.step}: checkpoint saved to {run.last_ckpt}; continue with resume=latest")
+        run.log(f"interrupted at step {run.step}: checkpoint saved to {run.last_ckpt}; continue with resume=latest")
     else:
         val_after = run.run_eval()
         if val_after:
-            log(f"validation loss after training: {val_after['val_loss']:.4f} (perplexity {val_after['val_ppl']:.2f})")
+            run.log(f"validation loss after training: {val_after['val_loss']:.4f} (perplexity "
+                    f"{val_after['val_ppl']:.2f})")
     run.logger.close()
-    plot = plot_losses(run.metrics_path, run.out / "loss.png") if cfg.plot else None
+    plot = plot_losses(run.metrics_path, run.out / "loss.png") if cfg.plot and run.main else None
     final = None
     if cfg.save_final and not interrupted:
-        final = save_result(run.model, cfg, run.tokenizer, run.out)
-        log(f"saved {'model' if cfg.method == 'full' else 'adapter'} to {final}")
+        final = run.save_final()
+        run.log(f"saved {'model' if cfg.method == 'full' else 'adapter'} to {final}")
     return run.summary(val_before, val_after, interrupted, final, plot)
 
 
