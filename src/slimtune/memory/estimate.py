@@ -8,12 +8,14 @@ largest phase; the breakdown returned is that phase's. What `torch.cuda.max_memo
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from slimtune.errors import ConfigError
 from slimtune.memory.activations import (BLOCK_LINEARS, Regime, block_backward_transient, block_saved, head_saved,
                                          shared_saved)
+from slimtune.memory.fsdp import shard_over_gpus
 from slimtune.memory.params import Param, param_table
 from slimtune.models.config import ModelConfig
 from slimtune.optim.build import OPTIMIZERS, SGD_MOMENTUM
@@ -41,7 +43,9 @@ class EstimateInput:
     params_override: count this many parameters instead of the config's (the textbook case). device: 'cuda' (what
     is predicted) or 'cpu' (CPU kernels save a few tensors differently; used by the tests). kernels: the fused
     kernels' path (default: on CUDA). chunked_loss, loss_chunk: the loss from the hidden states, `loss_chunk` rows
-    of logits at a time, never the (B, S, V) logits."""
+    of logits at a time, never the (B, S, V) logits. gpus: FSDP2 over this many GPUs (`memory/fsdp.py`): the peak of
+    one of them; `batch` is then the rows each GPU runs, and the loss is taken from the full logits (as FSDP2 runs
+    take it)."""
 
     cfg: ModelConfig
     method: str = "lora"
@@ -84,9 +88,13 @@ class EstimateInput:
                 raise ConfigError(f"unknown {key} {getattr(self, key)!r}; choose one of {', '.join(allowed)}")
         if self.offload not in OFFLOADS:
             raise ConfigError(f"unknown offload {self.offload!r}; choose activations or optimizer")
-        for name, v in (("batch", self.batch), ("seq", self.seq)):
+        for name, v in (("batch", self.batch), ("seq", self.seq), ("gpus", self.gpus)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.gpus > 1 and (self.offload or self.generate or self.params_override is not None or
+                              self.grad_ckpt == "offload"):
+            raise ConfigError("gpus > 1 (FSDP2) is predicted for training without offloading; drop offload / "
+                              "grad_ckpt=offload / generate")
 
 
 @dataclass
@@ -348,6 +356,8 @@ def estimate(spec: EstimateInput | ModelConfig, *args: Any, **kw: Any) -> dict:
     """
     e = spec if isinstance(spec, EstimateInput) else EstimateInput(spec, *args, **kw)
     e.validate()
+    if e.gpus > 1 and e.chunked_loss:  # FSDP2 runs take the loss from the full logits (train/dist_run.py)
+        e = dataclasses.replace(e, chunked_loss=False)
     b = _resolve(e)
     P = _parameters(e, b)
     static = P.weights + P.quant_tables + P.adapters + P.grads_full + P.optim
@@ -367,6 +377,9 @@ def estimate(spec: EstimateInput | ModelConfig, *args: Any, **kw: Any) -> dict:
         out["dominant"] = max((k for k in persistent), key=lambda k: out[f"{k}_bytes"])
         return out
     phases, act_detail = _phases(e, b, P)
+    if e.gpus > 1:
+        detail.update(shard_over_gpus(e, b, P, persistent, phases, _owners(P.table, e.method, P.targets)))
+        static = -(-static // e.gpus)
     totals = {k: sum(v.values()) + sum(persistent.values()) for k, v in phases.items()}
     peak = max(totals, key=totals.get)
     out = {f"{k}_bytes": v for k, v in persistent.items()}
