@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,9 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer, rank: int = 0,
     rng_keys = [k for k in saved if k.startswith(f"rank{rank}.rng.")] if rank < state["world_size"] else []
     rng_t = {k: torch.empty(tuple(saved[k].size), dtype=saved[k].properties.dtype) for k in rng_keys}
     try:
-        dcp.load({**tensors, **rng_t}, storage_reader=dcp.HuggingFaceStorageReader(str(path)))
+        with warnings.catch_warnings():  # in one process DCP warns that it loads without a process group: intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({**tensors, **rng_t}, storage_reader=dcp.HuggingFaceStorageReader(str(path)))
     except Exception as e:  # DCP raises the same CheckpointException on every rank
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: cannot read the checkpoint ({first[:200]}); resume from an earlier one") \
