@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -102,6 +103,8 @@ def test_two_processes_match_one(model_dir, tmp_path, method):
     assert len(a) == len(b) == 3 + 3 and all(x is not None for x in a)  # 3 steps, validation at 0, 2 and 3
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6, (a, b)
     assert a[1] != a[2]  # it trains
+    held, total = map(float, re.search(r"this one holds ([\d.]+) of ([\d.]+) MiB", r.stdout).groups())
+    assert 0.45 < held / total < 0.55  # each process holds half of every weight (NF4 bytes included)
     ckpt = two / "checkpoints" / "step-3"
     assert json.loads((ckpt / "state.json").read_text())["layout"] == "dcp"
     assert sorted(p.name for p in ckpt.glob("*.safetensors")) == [f"shard-0000{i}-model-00001-of-00001.safetensors"

@@ -52,8 +52,11 @@ class DistRun(Run):
         model, counts = build_sharded(cfg, prec, self.device, self.mesh, env)
         if env.rank:  # dropout masks differ between ranks; rank 0 keeps the stream of a one-process run
             torch.manual_seed(cfg.seed * 1_000_003 + env.rank)
-        self.log(f"FSDP2 over {env.world} processes ({self.device.type}), {cfg.batch_size // env.world} rows of each "
-                 "micro-batch per process")
+        held = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.log(f"FSDP2 over {env.world} processes ({self.device.type}): this one holds {held / 2**20:.2f} of "
+                 f"{total / 2**20:.2f} MiB of parameters and takes {cfg.batch_size // env.world} rows of each "
+                 "micro-batch")
         return model, prec, counts
 
     def load(self, ckpt: Path, saved: dict[str, Any]) -> dict[str, Any]:
