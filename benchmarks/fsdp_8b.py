@@ -2,7 +2,7 @@
 2 GPUs: tokens/s, per-GPU peak memory, the same losses), and QLoRA on the Llama-3-70B shape on the 2 GPUs beside the
 memory estimator's `--gpus 2` prediction.
 
-    python benchmarks/fsdp_8b.py                  # 2 H200s: everything, one call (< 9 min with the 8B checkpoint cached)
+    python benchmarks/fsdp_8b.py                  # 2 H200s: everything in one call (aim: < 9 min)
     python benchmarks/fsdp_8b.py --cpu            # CPU smoke test of the same path: tiny shapes, gloo, 2 processes
 
 8B: a random bf16 checkpoint of the shape (normal(0, 0.02) matrices, unit norms; `qlora_8b.write_random_checkpoint`,
@@ -217,7 +217,8 @@ def main() -> None:
 
 def table(results: list[dict]) -> None:
     """The runs side by side: 2-GPU speedup and the largest loss difference against the 1-GPU run of the same kind."""
-    print("| run | GPUs | tokens/s | speedup | peak GiB per GPU | predicted | vs prediction | max abs loss diff vs 1 GPU |")
+    print("| run | GPUs | tokens/s | speedup | peak GiB per GPU | predicted | vs prediction "
+          "| max abs loss diff vs 1 GPU |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     one = {r["run"]: r for r in results if r["gpus"] == 1}
     for r in results:

@@ -33,7 +33,7 @@ def test_fourbit_shards_are_the_whole_layer_quantized(fmt, dq, out_f, in_f):
         to_byte_params(torch.nn.Sequential(layer))
         got = {k: [] for k in full}
         for rank in range(world):
-            def gather(piece, counts, rank=rank):  # stands in for the all-gather: checks this rank's piece
+            def gather(piece, counts, rank=rank, world=world):  # stands in for the all-gather: checks this rank's piece
                 a = sum(counts[:rank]) - rank  # counts include each rank's flag
                 own = quantize_4bit(w, fmt, 64).absmax
                 assert torch.equal(piece[:-1], own[a:a + counts[rank] - 1]) and piece[-1] == 0
@@ -94,8 +94,8 @@ def test_shard_batch_rows_and_fillers():
     from slimtune.train.distributed import predicted_tokens, shard_batch
 
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(0, 50, (5, 7), generator=g), "labels": torch.randint(0, 50, (5, 7), generator=g),
-             "position_ids": torch.arange(7).expand(5, 7)}
+    batch = {"input_ids": torch.randint(0, 50, (5, 7), generator=g),
+             "labels": torch.randint(0, 50, (5, 7), generator=g), "position_ids": torch.arange(7).expand(5, 7)}
     parts = [shard_batch(batch, r, 2) for r in range(2)]
     assert [p["input_ids"].shape[0] for p in parts] == [3, 3]
     for k in batch:

@@ -5,10 +5,10 @@ written or read), plus its RNG states; rank 0 writes the JSON state (step, data 
 hyperparameters). A checkpoint loads on any number of processes - DCP reads the pieces that overlap each rank's shard
 - or into a single process.
 
-Layout of `out_dir/checkpoints/step-N/`: `shard-0000r-model-00001-of-00001.safetensors` (rank r-1's tensors: `model.<name>`,
-`optim.<name>.<key>`, `rank<r>.rng.*`), `rank-<r>.json` (python / numpy RNG), `state.json` (written last). All ranks
-write into `.step-N.tmp-dcp`; rank 0 renames it once every rank is done (barriers around), so a kill at any moment leaves
-every earlier checkpoint whole.
+Layout of `out_dir/checkpoints/step-N/`: `shard-0000r-model-00001-of-00001.safetensors` (rank r-1's tensors:
+`model.<name>`, `optim.<name>.<key>`, `rank<r>.rng.*`), `rank-<r>.json` (python / numpy RNG), `state.json` (written
+last). All ranks write into `.step-N.tmp-dcp`; rank 0 renames it once every rank is done (barriers around), so a kill
+at any moment leaves every earlier checkpoint whole.
 """
 from __future__ import annotations
 
