@@ -9,7 +9,8 @@ memory estimator's `--gpus 2` prediction.
 written once to --workdir) is fine-tuned by the real command: `slimtune finetune` on one GPU (batch_size=1,
 grad_accum=2) against `torchrun --standalone --nproc-per-node 2 -m slimtune finetune` (batch_size=2, grad_accum=1: one
 row per GPU), so both see the same global batches of 2 x 2048 tokens: LoRA r=16 alpha=16 on q,k,v,o,gate,up,down
-(QLoRA: NF4 + double quantization), bf16-mixed, gradient checkpointing, AdamW lr 1e-4 constant, 20 steps. Data: random
+(QLoRA: NF4 + double quantization), bf16-mixed, gradient checkpointing, AdamW lr 1e-4 constant, 20 steps, eager steps
+with the full-logits loss on both sides (as FSDP2 runs them; --fast-baseline: the 1-GPU defaults). Data: random
 ASCII words in `text` format, byte-level built-in tokenizer, packed rows of 2048. tokens/s is over steps 4-20 (the
 first three warm up), peak memory is rank 0's `max_memory_allocated` over the steps.
 
@@ -60,7 +61,9 @@ def run_keys(a, method: str, model: str, data: Path, out: Path, gpus: int, steps
             f"batch_size={per_micro}", f"grad_accum={rows // per_micro}", f"max_steps={steps}", "lr=1e-4",
             "schedule=constant", "warmup_steps=0", "grad_ckpt=true", f"out_dir={out}", "progress=false",
             "plot=false", "save_final=false", "save_every=0", "eval_every=0", f"device={a.device}", "seed=0",
-            f"precision={'bf16-mixed' if a.device == 'cuda' else 'fp32'}"]
+            f"precision={'bf16-mixed' if a.device == 'cuda' else 'fp32'}",
+            # like for like: FSDP2 steps are eager with the full-logits loss (see slimtune.train.dist_run)
+            *([] if a.fast_baseline and gpus == 1 else ["chunked_loss=false", "cuda_graph=off"])]
 
 
 def summarise(name: str, out: Path, gpus: int, t0: float, warm: int = 3, extra: dict | None = None) -> dict:
@@ -165,6 +168,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=None, help="default 2048 (--cpu: 128)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--global-rows", type=int, default=2, help="rows per step (the 2-GPU run: one per GPU)")
+    ap.add_argument("--fast-baseline", action="store_true", help="the 1-GPU runs with the defaults (chunked loss, "
+                    "CUDA graphs), which FSDP2 runs do not have")
     ap.add_argument("--worker-generated", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)

@@ -91,7 +91,8 @@ def test_byte_parameters_read_back_as_the_buffers():
 
 def test_shard_batch_rows_and_fillers():
     from slimtune.data.tokenize import IGNORE_INDEX
-    from slimtune.train.distributed import predicted_tokens, shard_batch
+    from slimtune.train.distributed import shard_batch
+    from slimtune.train.step import predicted_tokens
 
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, 50, (5, 7), generator=g),

@@ -2,6 +2,9 @@
 shards (`sharded.py`), each rank stepping on its rows of the same global micro-batches (`distributed.py`), sharded
 checkpoints (`dist_checkpoint.py`), evaluation and the stop signal agreed over ranks, and the result gathered and
 written by rank 0. `train_distributed(cfg)` runs a whole fine-tuning in a process started by torchrun.
+
+Steps are eager (no CUDA graphs), and the loss comes from the full logits: the chunked loss (`train.loss.lm_head_loss`)
+calls `hidden_states` and the head's weight directly, around the modules' forward hooks in which FSDP2 gathers them.
 """
 from __future__ import annotations
 
@@ -16,11 +19,10 @@ from slimtune.errors import CheckpointError
 from slimtune.train.build import predict_memory
 from slimtune.train.config import TrainConfig
 from slimtune.train.dist_checkpoint import LAYOUT, load_sharded, save_sharded
-from slimtune.train.distributed import (RankRows, all_sum, check_distributed, init_distributed, predicted_tokens,
-                                        shard_batch, torchrun_env)
+from slimtune.train.distributed import RankRows, all_sum, check_distributed, init_distributed, shard_batch, torchrun_env
 from slimtune.train.evaluate import evaluate
 from slimtune.train.loop import Run, train
-from slimtune.train.step import train_step
+from slimtune.train.step import predicted_tokens, train_step
 
 
 class DistRun(Run):
@@ -36,6 +38,9 @@ class DistRun(Run):
         if not self.main:
             cfg.progress = False
         super().__init__(cfg, log if self.main else (lambda s: None))
+
+    def _graphed(self) -> None:
+        return None  # FSDP2's collectives and hooks are not captured in CUDA graphs: eager steps
 
     def setup_device(self) -> torch.device:
         device, self.mesh = init_distributed(self.cfg, self.env)
@@ -73,7 +78,7 @@ class DistRun(Run):
     def train_micro(self, micro: list[dict]) -> dict[str, Any]:
         local = [shard_batch(b, self.env.rank, self.env.world) for b in micro]
         res = train_step(self.model, local, self.optimizer, self.scaler, self.prec, self.device,
-                         self.cfg.max_grad_norm, self.params, self.cfg.offload_activations,
+                         self.cfg.max_grad_norm, self.params, self.cfg.offload_activations, chunked=False,
                          n_pred=predicted_tokens(micro), reduce=all_sum)
         res["tokens"] = sum(b["input_ids"].numel() for b in micro)  # the global step's
         return res
@@ -86,7 +91,7 @@ class DistRun(Run):
             return None
         rows = RankRows(self.val_ds, self.env.rank, self.env.world)
         ev = evaluate(self.model, rows, self.cfg.batch_size, self.prec, self.device, self.cfg.eval_batches,
-                      reduce=all_sum)
+                      chunked=False, reduce=all_sum)
         self.model.reshard()  # no backward follows to free the root's gathered weights
         self.logger.log({"step": self.step, **ev})
         return ev

@@ -173,11 +173,6 @@ def shard_batch(batch: dict[str, Tensor], rank: int, world: int) -> dict[str, Te
     return out
 
 
-def predicted_tokens(micro: list[dict[str, Tensor]]) -> int:
-    """Tokens predicted over global micro-batches (position t predicts labels[t + 1])."""
-    return sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-
-
 class RankRows:
     """A dataset seen by one rank: `collate(indices)` is this rank's share of the global batch (`shard_batch`)."""
 
