@@ -96,12 +96,13 @@ def launch(cmd: list[str], gpus: int, a) -> None:
 
 
 def predicted_gib(shape: str, method: str, a, gpus: int) -> float:
-    """The estimator's per-GPU peak for one run (rows per GPU: 1), as `slimtune memory --gpus`."""
+    """The estimator's per-GPU peak for one run (rows per GPU: 1), as `slimtune memory --gpus` predicts it."""
     from slimtune.memory.estimate import EstimateInput, estimate
     from slimtune.models.shapes import get_shape
 
     e = estimate(EstimateInput(get_shape(shape), method, "bf16-mixed" if a.device == "cuda" else "fp32", "adamw",
-                               1, a.seq, True, lora_rank=a.rank, gpus=gpus))
+                               1, a.seq, True, lora_rank=a.rank, gpus=gpus,
+                               chunked_loss=a.fast_baseline and gpus == 1))  # as the run takes its loss
     return round(e["total_bytes"] / 2**30, 2)
 
 
