@@ -87,10 +87,12 @@ def save_sharded(out_dir: str | Path, step: int, model: nn.Module, optimizer, st
         write_json({"format": FORMAT, "layout": LAYOUT, "world_size": world, "step": step, **state,
                     "optimizer": opt_js}, tmp / "state.json")  # last: its presence marks a complete folder
         fsync_path(tmp)
-        if final.exists():
-            remove_folder(final)
+        old = final.with_name(f".{final.name}.old-{LAYOUT}")
+        if final.exists():  # (the same step saved again, e.g. Ctrl-C right after a scheduled save)
+            final.rename(old)  # aside until the new one is in place
         tmp.rename(final)
         fsync_path(root)
+        shutil.rmtree(old, ignore_errors=True)
         if keep_last > 0:
             for _, d in list_checkpoints(out_dir)[:-keep_last]:
                 remove_folder(d)
