@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand name -> module holding `HELP`, `add_arguments(p)` and `run(args) -> int | None`
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args._run(args)
     except SlimtuneError as e:
-        print(f"slimtune {args.command}: error: {e}", file=sys.stderr)
+        # under torchrun every process raises it: rank 0 prints it, or the rank that `train.distributed.agreed` names
+        if getattr(e, "report", os.environ.get("RANK", "0") == "0"):
+            print(f"slimtune {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk or the permissions, not a bug: one line naming the path
         print(f"slimtune {args.command}: error: {StorageError.from_os(e)}", file=sys.stderr)

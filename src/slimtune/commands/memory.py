@@ -5,8 +5,8 @@ import argparse
 import json
 
 HELP = "predict peak GPU memory of training (or generation) for a model shape, method and precision"
-COMPONENTS = ("weights", "trainable", "gradients", "optimizer", "activations", "autocast_copies", "logits_loss",
-              "temporary", "kv_cache", "workspace")
+COMPONENTS = ("weights", "trainable", "gradients", "optimizer", "gathered", "activations", "autocast_copies",
+              "logits_loss", "temporary", "kv_cache", "workspace")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="lora", help="full | lora | qlora (default lora)")
     p.add_argument("--precision", default="bf16-mixed", help="fp32 | bf16-mixed | fp16-mixed | bf16-true")
     p.add_argument("--optimizer", default="adamw", help="adamw | adamw8bit | sgd")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="rows per micro-batch on each GPU")
+    p.add_argument("--gpus", type=int, default=1, help="FSDP2 over N GPUs (torchrun): the peak of one of them")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per block")
     p.add_argument("--offload", default=None, help="activations | optimizer")
@@ -62,12 +63,13 @@ def run(args: argparse.Namespace) -> int:
     e = estimate(cfg, args.method, args.precision, args.optimizer, args.batch, args.seq, args.grad_ckpt,
                  offload=args.offload, lora_rank=args.rank, lora_targets=tuple(args.targets.split(",")),
                  weight_dtype=args.weight_dtype, grad_dtype=args.grad_dtype, optim_state_dtype=args.optim_state_dtype,
-                 attention=args.attention, generate=args.generate, context=args.context)
+                 attention=args.attention, generate=args.generate, context=args.context, gpus=args.gpus)
     if args.json:
         print(json.dumps(e))
         return 0
     what = "generation" if args.generate else f"{args.method}, {args.precision}, {args.optimizer}"
-    print(f"peak GPU memory: {gib(e['total_bytes'])} ({what}, batch {args.batch} x seq {args.seq}"
+    where = f" per GPU of {args.gpus} (FSDP2)" if args.gpus > 1 else ""
+    print(f"peak GPU memory{where}: {gib(e['total_bytes'])} ({what}, batch {args.batch} x seq {args.seq}"
           f"{', checkpointing' if args.grad_ckpt else ''}{', offload ' + args.offload if args.offload else ''}); "
           f"peak during {e['peak_phase']}")
     for k in COMPONENTS:

@@ -16,6 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="full,lora,qlora")
     p.add_argument("--precision", default="bf16-mixed")
     p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--gpus", type=int, default=1, help="FSDP2 over N GPUs: the budget is each GPU's")
     p.add_argument("--json", action="store_true")
 
 
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     budget = parse_size(args.gpu_memory)
     cfg = resolve_config(args)
-    rows = plan(cfg, budget, args.seq, tuple(args.methods.split(",")), args.precision, args.optimizer)
+    rows = plan(cfg, budget, args.seq, tuple(args.methods.split(",")), args.precision, args.optimizer, gpus=args.gpus)
     if args.json:
         print(json.dumps({"gpu_memory_bytes": budget, "rows": rows}))
         return 0

@@ -8,6 +8,7 @@ the output and the fp32 logsumexp; `log_softmax` keeps its output. Tensors share
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from slimtune.models.config import ModelConfig
 
@@ -278,3 +279,29 @@ def block_saved_kernels(cfg: ModelConfig, batch: int, seq: int, r: Regime, x_gra
         add("act_gate_up", len(names) * N * f * c)
     lora(("down_proj",), f, (d,), c, gu)
     return s
+
+
+def loss_bytes(e: Any, b: Any, full: bool, N: int) -> dict[str, int]:
+    """Bytes the loss holds at each phase of the step (the `logits_loss` component; "kept": what stays afterwards).
+
+    Full logits (train.loss.causal_lm_loss): the (N, V) logits in the compute dtype, then logits[:, :-1].float(),
+    log_softmax's fp32 output and, in backward, two fp32 (N, V) gradients. Chunked (train.loss.lm_head_loss): one
+    (chunk, V) block of logits in the compute dtype, overwritten by its gradient in place (the Triton kernel), the
+    per-token losses, dL/dh (N, d) formed in the forward, and for a trained head dL/dW (V, d) plus the cast of an
+    fp32 head to the compute dtype. `e`: the `estimate.EstimateInput`, `b`: its resolved byte sizes; N tokens.
+    """
+    from slimtune.kernels.cross_entropy import default_chunk
+
+    c, V, d = b.c, e.cfg.vocab_size, e.cfg.hidden_size
+    kept = N * V * c if e.keep_logits else 0
+    if e.chunked_loss:
+        chunk = min(N, e.loss_chunk or default_chunk(V))
+        head = V * d * c * (2 if b.wb != c else 1) if full else 0  # dL/dW (+ the cast copy of an fp32 head)
+        gh = N * d * c
+        return {"kept": 0, "forward_end": 0, "loss_forward": chunk * V * c + N * 4 + gh + head,
+                "loss_backward": gh + head, "head_backward": gh}
+    NVp = e.batch * (e.seq - 1) * V
+    logp = NVp * 4 + N * 8 + 4  # log_softmax's fp32 output; nll_loss keeps the int64 targets and the weight sum
+    upcast = NVp * 4 if c != 4 else 0  # the fp32 copy, alive while log_softmax runs
+    return {"kept": kept, "forward_end": N * V * c, "loss_forward": N * V * c + upcast + logp,
+            "loss_backward": kept + logp + 2 * NVp * 4, "head_backward": kept + N * V * c}

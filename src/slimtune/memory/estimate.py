@@ -8,12 +8,14 @@ largest phase; the breakdown returned is that phase's. What `torch.cuda.max_memo
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from slimtune.errors import ConfigError
 from slimtune.memory.activations import (BLOCK_LINEARS, Regime, block_backward_transient, block_saved, head_saved,
-                                         shared_saved)
+                                         loss_bytes, shared_saved)
+from slimtune.memory.fsdp import shard_over_gpus
 from slimtune.memory.params import Param, param_table
 from slimtune.models.config import ModelConfig
 from slimtune.optim.build import OPTIMIZERS, SGD_MOMENTUM
@@ -41,7 +43,9 @@ class EstimateInput:
     params_override: count this many parameters instead of the config's (the textbook case). device: 'cuda' (what
     is predicted) or 'cpu' (CPU kernels save a few tensors differently; used by the tests). kernels: the fused
     kernels' path (default: on CUDA). chunked_loss, loss_chunk: the loss from the hidden states, `loss_chunk` rows
-    of logits at a time, never the (B, S, V) logits."""
+    of logits at a time, never the (B, S, V) logits. gpus: FSDP2 over this many GPUs (`memory/fsdp.py`): the peak of
+    one of them; `batch` is then the rows each GPU runs, and the loss is taken from the full logits (as FSDP2 runs
+    take it)."""
 
     cfg: ModelConfig
     method: str = "lora"
@@ -72,6 +76,7 @@ class EstimateInput:
     kernels: bool | None = None  # the fused kernels' path (slimtune.kernels); None: on for device "cuda"
     chunked_loss: bool = True  # the loss from the hidden states in chunks (train.loss.lm_head_loss)
     loss_chunk: int | None = None  # rows per chunk; None: kernels.cross_entropy.default_chunk(vocab)
+    gpus: int = 1  # FSDP2 over this many GPUs: the peak of one of them (whose loss is never chunked)
 
     def validate(self) -> None:
         """Raises ConfigError on an unknown method / precision / optimizer / offload or a non-positive size."""
@@ -86,11 +91,15 @@ class EstimateInput:
                               "see slimtune.optim.galore); use optimizer=adamw for an upper bound")
         if self.offload not in OFFLOADS:
             raise ConfigError(f"unknown offload {self.offload!r}; choose activations or optimizer")
-        for name, v in (("batch", self.batch), ("seq", self.seq)):
+        for name, v in (("batch", self.batch), ("seq", self.seq), ("gpus", self.gpus)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.cfg.final_softcap:  # training never chunks a soft-capped head (train.loss.chunkable_head)
             self.chunked_loss = False
+        if self.gpus > 1 and (self.offload or self.generate or self.params_override is not None or
+                              self.grad_ckpt == "offload"):
+            raise ConfigError("gpus > 1 (FSDP2) is predicted for training without offloading; drop offload / "
+                              "grad_ckpt=offload / generate")
 
 
 @dataclass
@@ -236,7 +245,7 @@ def _phases(e: EstimateInput, b: _Bytes, P: _Params) -> tuple[dict[str, dict[str
     cast_head = head_w * c if b.autocast and b.wb != c else 0
     if b.autocast and b.ab != c:  # adapters (leaves that train) are cast once per forward and cached
         cast_head += P.adapters // b.ab * c
-    loss = _loss_bytes(e, b, full, N)
+    loss = loss_bytes(e, b, full, N)
     logits = loss["kept"]
     trans = block_backward_transient(cfg, batch, seq, r)
     if full and b.autocast and b.wb != c:  # dW from the matmul in `c`, then its cast to the fp32 .grad
@@ -291,32 +300,6 @@ def _phases(e: EstimateInput, b: _Bytes, P: _Params) -> tuple[dict[str, dict[str
     return ph, detail
 
 
-def _loss_bytes(e: EstimateInput, b: _Bytes, full: bool, N: int) -> dict[str, int]:
-    """Bytes the loss holds at each phase of the step (the `logits_loss` component; "kept": what stays afterwards).
-
-    Full logits (train.loss.causal_lm_loss): the (N, V) logits in the compute dtype, then logits[:, :-1].float(),
-    log_softmax's fp32 output and, in backward, two fp32 (N, V) gradients. Chunked (train.loss.lm_head_loss): one
-    (chunk, V) block of logits in the compute dtype, overwritten by its gradient in place (the Triton kernel), the
-    per-token losses, dL/dh (N, d) formed in the forward, and for a trained head dL/dW (V, d) plus the cast of an
-    fp32 head to the compute dtype.
-    """
-    from slimtune.kernels.cross_entropy import default_chunk
-
-    c, V, d = b.c, e.cfg.vocab_size, e.cfg.hidden_size
-    kept = N * V * c if e.keep_logits else 0
-    if e.chunked_loss:
-        chunk = min(N, e.loss_chunk or default_chunk(V))
-        head = V * d * c * (2 if b.wb != c else 1) if full else 0  # dL/dW (+ the cast copy of an fp32 head)
-        gh = N * d * c
-        return {"kept": 0, "forward_end": 0, "loss_forward": chunk * V * c + N * 4 + gh + head,
-                "loss_backward": gh + head, "head_backward": gh}
-    NVp = e.batch * (e.seq - 1) * V
-    logp = NVp * 4 + N * 8 + 4  # log_softmax's fp32 output; nll_loss keeps the int64 targets and the weight sum
-    upcast = NVp * 4 if c != 4 else 0  # the fp32 copy, alive while log_softmax runs
-    return {"kept": kept, "forward_end": N * V * c, "loss_forward": N * V * c + upcast + logp,
-            "loss_backward": kept + logp + 2 * NVp * 4, "head_backward": kept + N * V * c}
-
-
 def _generate(e: EstimateInput, c: int, persistent: dict, detail: dict) -> dict:
     """Generation: weights + a KV cache (L layers x k and v, (B, nkv, context, hd)) + the prefill's logits
     (B, S, V) and its largest no-grad intermediate (the MLP's gate, up and product, (B, S, f) each)."""
@@ -352,6 +335,8 @@ def estimate(spec: EstimateInput | ModelConfig, *args: Any, **kw: Any) -> dict:
     """
     e = spec if isinstance(spec, EstimateInput) else EstimateInput(spec, *args, **kw)
     e.validate()
+    if e.gpus > 1 and e.chunked_loss:  # FSDP2 runs take the loss from the full logits (train/dist_run.py)
+        e = dataclasses.replace(e, chunked_loss=False)
     b = _resolve(e)
     P = _parameters(e, b)
     static = P.weights + P.quant_tables + P.adapters + P.grads_full + P.optim
@@ -371,6 +356,9 @@ def estimate(spec: EstimateInput | ModelConfig, *args: Any, **kw: Any) -> dict:
         out["dominant"] = max((k for k in persistent), key=lambda k: out[f"{k}_bytes"])
         return out
     phases, act_detail = _phases(e, b, P)
+    if e.gpus > 1:
+        detail.update(shard_over_gpus(e, b, P, persistent, phases, _owners(P.table, e.method, P.targets)))
+        static = -(-static // e.gpus)
     totals = {k: sum(v.values()) + sum(persistent.values()) for k, v in phases.items()}
     peak = max(totals, key=totals.get)
     out = {f"{k}_bytes": v for k, v in persistent.items()}

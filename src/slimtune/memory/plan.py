@@ -121,7 +121,8 @@ def plan(cfg: ModelConfig, gpu_memory_bytes: int, seq: int | None = None,
     for method in methods:
         for ck in (False, True, "offload"):
             for off in (None, "activations", "optimizer"):
-                if off == "optimizer" and method != "full" or off == "activations" and ck:
+                if off == "optimizer" and method != "full" or off == "activations" and ck or \
+                        off and kw.get("gpus", 1) > 1:  # FSDP2 runs here offload nothing
                     continue
                 row = {"method": method, "grad_ckpt": ck, "offload": off, "fits": False, "fastest": False}
                 max_seq = max((s for s in seqs if _fits(cfg, gpu_memory_bytes, method, 1, s, ck, off, kw)),
@@ -134,7 +135,7 @@ def plan(cfg: ModelConfig, gpu_memory_bytes: int, seq: int | None = None,
                 row.update(peak_bytes=e["total_bytes"], dominant=e["dominant"])
                 if b:
                     row["fits"] = True
-                    row["tokens_per_s"] = b * s / step_seconds(cfg, e, method, b, s, ck, off)
+                    row["tokens_per_s"] = kw.get("gpus", 1) * b * s / step_seconds(cfg, e, method, b, s, ck, off)
                 else:
                     row["reason"] = _why(e, gpu_memory_bytes, s)
                 rows.append(row)

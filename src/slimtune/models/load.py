@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from slimtune.errors import CheckpointError, ConfigError
 from slimtune.io.hub import resolve
@@ -100,17 +100,26 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
             sd.update({f"{module}.{k}": v for k, v in q.state_dict().items() if k != "bias"})  # packed + scales
             continue
         sd[name] = t.to(device)
-    if cfg.tie_word_embeddings:
+    _assign(model, sd, expected, folder, strict=not (cfg.tie_word_embeddings or quantized))
+    return model.eval(), cfg
+
+
+def _assign(model: nn.Module, sd: dict[str, Tensor], expected: dict[str, Tensor], folder: Path, strict: bool) -> None:
+    """Put the tensors read into the meta-device model (a tied head shares the embedding).
+
+    Raises:
+        CheckpointError: a tensor the model expects is missing.
+    """
+    tied = model.config.tie_word_embeddings
+    if tied:
         sd.pop("lm_head.weight", None)
-        expected.pop("lm_head.weight")
-    missing = [k for k in expected if k not in sd]
+    missing = [k for k in expected if k not in sd and not (tied and k == "lm_head.weight")]
     if missing:
         raise CheckpointError(f"{folder}: tensor {missing[0]} is missing ({len(missing)} missing in all); the "
                               "checkpoint is incomplete or of another architecture")
-    model.load_state_dict(sd, assign=True, strict=not (cfg.tie_word_embeddings or quantized))
-    if cfg.tie_word_embeddings:
+    model.load_state_dict(sd, assign=True, strict=strict)
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval(), cfg
 
 
 def _quantized_layers(folder: Path, qc: dict) -> dict[str, tuple[str, int | None, bool]]:

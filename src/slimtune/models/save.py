@@ -85,7 +85,7 @@ def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
 
 def save_model(model, path: str | Path, dtype: str | torch.dtype | None = None,
                max_shard_size: int = DEFAULT_SHARD, tokenizer=None, tokenizer_dir: str | Path | None = None,
-               force: bool = False) -> Path:
+               force: bool = False, state: dict[str, Tensor] | None = None) -> Path:
     """Save a `Decoder` as a Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads.
 
     Args:
@@ -95,6 +95,8 @@ def save_model(model, path: str | Path, dtype: str | torch.dtype | None = None,
         max_shard_size: bytes per safetensors shard; above it, shards plus model.safetensors.index.json.
         tokenizer: a transformers tokenizer to save beside, or tokenizer_dir: a folder whose tokenizer files to copy.
         force: cast even where the precision guard refuses.
+        state: the weights already gathered on the CPU (a model sharded over several processes), instead of the
+            model's own.
     Raises:
         PrecisionError: a tensor holding NaN or inf, a non-float dtype, a tensor `dtype` cannot hold (unless force);
             all checked before anything is written.
@@ -104,7 +106,7 @@ def save_model(model, path: str | Path, dtype: str | torch.dtype | None = None,
         require_float(dtype, "--dtype")
     if is_transformers_model(model):  # the fallback: transformers writes its own folder
         return save_transformers_model(model, path, dtype, max_shard_size, tokenizer, tokenizer_dir, force)
-    sd = _cpu_state(model)
+    sd = _cpu_state(model) if state is None else dict(state)
     for k, t in sd.items():
         check_finite(k, t, fix=NOT_WRITTEN)
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:

@@ -54,10 +54,11 @@ def adapter_json(model: nn.Module, cfg: MethodConfig, name: str,
 
 
 def save_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = None,
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None, state: dict[str, Tensor] | None = None) -> Path:
     """Write adapter `adapter_name` (default: the active one) as `path/adapter_config.json` +
     `path/adapter_model.safetensors`; each file is written under a temporary name and renamed, and other files in
-    the folder are left alone.
+    the folder are left alone. `state`: the adapter's tensors already gathered (a model sharded over several
+    processes), instead of the model's own.
 
     Returns:
         the folder.
@@ -72,7 +73,9 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = 
         raise ConfigError(f"no adapter named {adapter_name!r} to save; this model has: "
                           f"{', '.join(adapters) or '(none; call apply_method first)'}")
     cfg = adapters[adapter_name]
-    sd = {k: t.detach().to("cpu").contiguous() for k, t in get_method(cfg.method).state_dict(model, adapter_name).items()}
+    if state is None:
+        state = get_method(cfg.method).state_dict(model, adapter_name)
+    sd = {k: t.detach().to("cpu").contiguous() for k, t in state.items()}
     for k, t in sd.items():
         check_finite(k, t, fix="nothing was written; the adapter's weights are damaged (a diverged run?)")
     meta = adapter_json(model, cfg, adapter_name, base_model_name_or_path)

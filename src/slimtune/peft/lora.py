@@ -148,6 +148,27 @@ def _device(layer: nn.Module) -> torch.device:
     return t.device if t is not None else torch.device("cpu")
 
 
+def new_factors(in_f: int, out_f: int, r: int, bias: bool, init: bool | str, device: torch.device,
+                dtype: torch.dtype) -> tuple[nn.Linear, nn.Linear]:
+    """LoRA's factors A (in -> r) and B (r -> out) at their starting values, drawn from the global RNG of `device`
+    in a fixed order (a sharded run replays these draws to start where a one-process run starts).
+
+    init True: A Kaiming-uniform with a = sqrt(5) (nn.Linear's default, as PEFT), B = 0, so the update starts at 0;
+    "gaussian": A ~ N(0, 1/r), B = 0; False: both as nn.Linear initialises them. B's bias (lora_bias) starts at 0.
+    """
+    A = nn.Linear(in_f, r, bias=False, device=device, dtype=dtype)
+    B = nn.Linear(r, out_f, bias=bias, device=device, dtype=dtype)
+    if bias and device.type != "meta":
+        nn.init.zeros_(B.bias)
+    if init is True:
+        nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+        nn.init.zeros_(B.weight)
+    elif init == "gaussian":
+        nn.init.normal_(A.weight, std=1 / r)
+        nn.init.zeros_(B.weight)
+    return A, B
+
+
 class LoraLinear(AdapterLayer):
     """A linear layer plus named LoRA adapters: lora_A[name] (r, in), lora_B[name] (out, r), and for DoRA
     lora_magnitude_vector[name] (out,). `base_layer` needs `in_features`, `out_features` and either a float
@@ -174,16 +195,7 @@ class LoraLinear(AdapterLayer):
         (zero at start), added as s * b (PEFT's lora_bias)."""
         check_rank(r, "LoRA rank r")
         dev, dt = _device(self.base_layer), _adapter_dtype(self.base_layer)
-        A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=dt)
-        B = nn.Linear(r, self.out_features, bias=bias, device=dev, dtype=dt)
-        if bias and dev.type != "meta":
-            nn.init.zeros_(B.bias)
-        if init is True:  # as PEFT: Kaiming-uniform with a = sqrt(5) (nn.Linear's default), B = 0: a zero update
-            nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
-            nn.init.zeros_(B.weight)
-        elif init == "gaussian":
-            nn.init.normal_(A.weight, std=1 / r)
-            nn.init.zeros_(B.weight)
+        A, B = new_factors(self.in_features, self.out_features, r, bias, init, dev, dt)
         self.lora_A[name], self.lora_B[name] = A, B
         self.lora_dropout[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
         self.scaling[name] = lora_scale(alpha, r, rslora)

@@ -223,9 +223,8 @@ def quantize_checkpoint(model_path: str | Path, out: str | Path, fmt: str | None
                max_layer_rel_error=max(q["errors"].values()), bits_codes=q["code_bits"] / q["params"],
                bits_overhead=q["overhead_bits"] / q["params"], outliers=q["outliers"],
                layer_errors=q["errors"])
-    if bits is not None:
-        for row in rep["allocation"]:
-            row["rel_error"] = q["errors"][row["layer"]]
+    for row in rep.get("allocation", []):
+        row["rel_error"] = q["errors"][row["layer"]]
     if val is not None and evaluate:
         rep["loss_after"] = mean_loss(model, val)
         rep["ppl_before"], rep["ppl_after"] = math.exp(rep["loss_before"]), math.exp(rep["loss_after"])

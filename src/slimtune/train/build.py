@@ -138,10 +138,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig):
                           offload=cfg.offload_optimizer, stochastic_rounding=cfg.stochastic_rounding)
 
 
-def predict_memory(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) -> dict | None:
-    """Before anything is loaded on a GPU: the step's predicted peak (`slimtune.memory.estimate`) against the free
-    memory, and a warning with the planner's command when it will not fit. None where the estimator has no model of
-    the method (full, lora, dora and qlora are modelled)."""
+def predict_memory(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], gpus: int = 1) -> dict | None:
+    """Before anything is loaded on a GPU: the step's predicted peak (`slimtune.memory.estimate`; per GPU of `gpus`
+    under FSDP2) against the free memory, and a warning with the planner's command when it will not fit. None where
+    the estimator has no model of the method (full, lora, dora and qlora are modelled)."""
     if device.type != "cuda" or cfg.method not in ("full", "lora", "dora", "qlora") or "galore" in cfg.optimizer:
         return None
     from slimtune.io.hub import resolve
@@ -160,13 +160,13 @@ def predict_memory(cfg: TrainConfig, device: torch.device, log: Callable[[str], 
     prec = cfg.precision if cfg.precision != "auto" else "bf16-mixed"
     offload = "optimizer" if cfg.offload_optimizer else "activations" if cfg.offload_activations else None
     e = estimate(EstimateInput(mcfg, "lora" if cfg.method == "dora" else cfg.method, prec, cfg.optimizer,
-                               cfg.batch_size, cfg.max_length, cfg.grad_ckpt, offload=offload,
-                               lora_rank=cfg.rank or 16, quant_format=cfg.quant))
+                               cfg.batch_size // gpus, cfg.max_length, cfg.grad_ckpt, offload=offload,
+                               lora_rank=cfg.rank or 16, quant_format=cfg.quant, gpus=gpus))
     free, _ = torch.cuda.mem_get_info(device)
     need = e["total_bytes"]
     log(f"predicted peak GPU memory {need / 2**30:.1f} GiB (largest part: {e['dominant']}); {free / 2**30:.1f} GiB "
         "free")
     if need > free:
         log(f"warning: this run will probably not fit; see what does with: slimtune plan --model {cfg.model} "
-            f"--gpu-memory {free / 2**30:.0f}GiB --seq {cfg.max_length}")
+            f"--gpu-memory {free / 2**30:.0f}GiB --seq {cfg.max_length}" + (f" --gpus {gpus}" if gpus > 1 else ""))
     return e

@@ -31,14 +31,14 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 # ---- RNG ------------------------------------------------------------------------------------------------------------
-def rng_state() -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(JSON part, tensor part) of the python, numpy, torch CPU and every CUDA generator."""
+def rng_state(cuda: bool = True) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(JSON part, tensor part) of the python, numpy, torch CPU and (`cuda`) every CUDA generator."""
     py = random.getstate()
     npst = np.random.get_state(legacy=True)
     js = {"python": [py[0], list(py[1]), py[2]],
           "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])]}
     tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     return js, tensors

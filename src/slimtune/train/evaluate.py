@@ -3,6 +3,7 @@ the before / after figures of post-training quantization)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -14,13 +15,15 @@ from slimtune.train.step import forward_loss
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, batch_size: int = 8, prec: Precision | None = None,
              device: torch.device | None = None, max_batches: int | None = None,
-             max_rows: int | None = None, chunked: bool = True) -> dict[str, float]:
+             max_rows: int | None = None, chunked: bool = True,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """Mean token loss and perplexity exp(loss) over the dataset (its first `max_batches` batches, or `max_rows`
     rows, if given), the model in eval mode meanwhile.
 
     Args:
         dataset: anything with `__len__` and `collate(indices) -> batch dict` (TokenDataset, ptq.TextRows).
         prec: the precision policy (default fp32); device: default the model's; chunked: as `forward_loss`.
+        reduce: sums (loss, count) over processes (runs on several processes, each with its rows of every batch).
     Returns:
         {'val_loss': nats per predicted token, 'val_ppl'}.
     """
@@ -37,5 +40,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 8, prec: Precision | N
         loss_sum, count = forward_loss(model, batch, prec, device, chunked=chunked)
         s, n = s + loss_sum.item(), n + count
     model.train(was_training)
+    if reduce is not None:
+        s, n = reduce(torch.tensor([s, n], dtype=torch.float64, device=device)).tolist()
     loss = s / max(n, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}

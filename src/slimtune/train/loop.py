@@ -18,6 +18,7 @@ from torch import nn
 
 from slimtune import kernels
 from slimtune.errors import ConfigError, PrecisionError, StorageError
+from slimtune.io.jsonfile import read_json
 from slimtune.models.fallback import fallback_note
 from slimtune.optim.schedules import lr_at, total_steps, warmup_count
 from slimtune.train.build import build_data, build_model, build_optimizer, pick_device, predict_memory
@@ -27,7 +28,7 @@ from slimtune.train.config import TrainConfig, resume_keys, save_config
 from slimtune.train.evaluate import evaluate
 from slimtune.train.graphed import GraphedStep
 from slimtune.train.graphed import supported as graph_supported
-from slimtune.train.metrics import MetricsLogger, plot_losses, truncate_metrics
+from slimtune.train.metrics import MetricsLogger, NullLogger, plot_losses, truncate_metrics
 from slimtune.train.relora import make_restarts
 from slimtune.train.step import TrainingError, train_step
 
@@ -61,7 +62,13 @@ def check_resume(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
 
 
 class Run:
-    """One fine-tuning run: its model, data, optimizer, position and outputs in `cfg.out_dir`."""
+    """One fine-tuning run: its model, data, optimizer, position and outputs in `cfg.out_dir`.
+
+    The methods `setup_device`, `build`, `load`, `checkpoint`, `run_eval`, `train_micro`, `agree` and `save_final`
+    are where a run on several processes (`dist_run.DistRun`) differs; `main` is False on the ranks that write nothing.
+    """
+
+    main = True
 
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
         """Build everything (data first, so bad data fails before the model loads) and resume if asked."""
@@ -72,7 +79,7 @@ class Run:
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"out_dir={self.out} is a file; fix: choose a folder for the run's outputs")
         seed_everything(cfg.seed)
-        self.device = pick_device(cfg.device)
+        self.device = self.setup_device()
         if numerics_env(self.device).get("omp_dynamic"):
             log("note: OMP_DYNAMIC is on: OpenMP gives CPU ops fewer threads when the machine is busy, which reorders "
                 "their sums; unset it for runs that reproduce bitwise")
@@ -82,8 +89,7 @@ class Run:
         log(f"data: {d['examples']} training examples in {d['rows']} rows of <= {cfg.max_length} tokens "
             f"({d['format']}, template {d['template']}), {d['val_examples']} validation; {d['truncated']} truncated, "
             f"{d['dropped']} dropped")
-        predict_memory(cfg, self.device, log)
-        self.model, self.prec, self.counts = build_model(cfg, self.device)
+        self.model, self.prec, self.counts = self.build()
         if fallback_note(self.model):
             log(fallback_note(self.model))
         log(self.prec.describe())
@@ -100,13 +106,15 @@ class Run:
         self.step, self.last_ckpt = 0, None
         self._resume()  # before anything is written, so a refused resume changes nothing on disk
         self.out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out / "config.yaml")
         self.metrics_path = self.out / "metrics.jsonl"
-        if self.step == 0:
-            self.metrics_path.unlink(missing_ok=True)
-        else:
-            truncate_metrics(self.metrics_path, self.step, final=self.step >= self.total)
-        self.logger = MetricsLogger(self.out, cfg.log_tensorboard, purge_step=self.step + 1 if self.step else None)
+        if self.main:
+            save_config(cfg, self.out / "config.yaml")
+            if self.step == 0:
+                self.metrics_path.unlink(missing_ok=True)
+            else:
+                truncate_metrics(self.metrics_path, self.step, final=self.step >= self.total)
+        purge = self.step + 1 if self.step else None  # TensorBoard drops what a killed run logged after its checkpoint
+        self.logger = MetricsLogger(self.out, cfg.log_tensorboard, purge_step=purge) if self.main else NullLogger()
         self.t_train, self.tok_done, self.last = 0.0, 0, {}
 
     def _graphed(self) -> GraphedStep | None:
@@ -128,8 +136,11 @@ class Run:
         if ckpt is None:
             self.log(f"resume=latest: no checkpoint in {self.out / 'checkpoints'} yet; starting from step 0")
             return
-        check_resume(read_state(ckpt)["config"], self.cfg, ckpt)
-        state = load_checkpoint(ckpt, self.model, self.optimizer, self.scaler)
+        saved = read_json(ckpt / "state.json")
+        if saved.get("layout") != "dcp":  # a one-process checkpoint: its state.json checked field by field
+            saved = read_state(ckpt)
+        check_resume(saved.get("config", {}), self.cfg, ckpt)
+        state = self.load(ckpt, saved)
         saved, now = state.get("numerics") or {}, numerics_env(self.device)
         diff = [k for k in now if k in saved and saved[k] != now[k]]
         if diff:
@@ -143,6 +154,41 @@ class Run:
         self.log(f"resumed from {ckpt} at step {self.step}")
 
     # ---- pieces of the run --------------------------------------------------------------------------------------
+    def setup_device(self) -> torch.device:
+        return pick_device(self.cfg.device)
+
+    def build(self) -> tuple[nn.Module, Any, dict[str, Any]]:
+        """(model, precision, counts): the memory prediction, then `build_model`."""
+        predict_memory(self.cfg, self.device, self.log)
+        return build_model(self.cfg, self.device)
+
+    def load(self, ckpt: Path, saved: dict[str, Any]) -> dict[str, Any]:
+        """Restore from checkpoint folder `ckpt` (whose state.json is `saved`): one written by one process, or a
+        sharded one (`dist_checkpoint`, from any number of processes)."""
+        if saved.get("layout") == "dcp":
+            from slimtune.train.dist_checkpoint import load_sharded
+
+            return load_sharded(ckpt, self.model, self.optimizer, device=self.device)
+        return load_checkpoint(ckpt, self.model, self.optimizer, self.scaler)
+
+    def train_micro(self, micro: list[dict]) -> dict[str, Any]:
+        """One eager optimizer step over the micro-batches (`train_step`)."""
+        cfg = self.cfg
+        return train_step(self.model, micro, self.optimizer, self.scaler, self.prec, self.device, cfg.max_grad_norm,
+                          self.params, cfg.offload_activations, cfg.chunked_loss)
+
+    def agree(self, stop: bool) -> bool:
+        """Whether to stop now (on several processes: all of them together)."""
+        return stop
+
+    def save_final(self) -> Path:
+        return save_result(self.model, self.cfg, self.tokenizer, self.out)
+
+    def run_state(self) -> dict[str, Any]:
+        """The JSON part of a checkpoint: data position, config, scheduler position."""
+        return {"data": self.it.state_dict(), "config": self.cfg.to_dict(), "numerics": numerics_env(self.device),
+                "scheduler": {"step": self.step, "total": self.total}}
+
     def stopped(self) -> str:
         """Where the run can go on from, for the message of an error that stops it."""
         return f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved yet"
@@ -154,11 +200,9 @@ class Run:
             TrainingError: NaN / inf in a trainable weight or the optimizer state (nothing written).
             StorageError: the disk refused the write (the earlier checkpoints stay whole).
         """
-        state = {"data": self.it.state_dict(), "config": self.cfg.to_dict(), "numerics": numerics_env(self.device),
-                 "scheduler": {"step": self.step, "total": self.total}}
         extra = self.relora.state_tensors() if self.relora is not None else None
         try:
-            return save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.scaler,
+            return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.run_state(), self.scaler,
                                    self.cfg.keep_last, extra)
         except PrecisionError as e:
             raise TrainingError(f"step {self.step}: {e}; the run stopped, {self.stopped()}; fix: lower lr (now "
@@ -188,11 +232,7 @@ class Run:
         t0 = time.perf_counter()
         micro = [next(self.it) for _ in range(cfg.grad_accum)]
         try:
-            if self.graphed is not None:
-                res = self.graphed(micro, lr)
-            else:
-                res = train_step(self.model, micro, self.optimizer, self.scaler, self.prec, self.device,
-                                 cfg.max_grad_norm, self.params, cfg.offload_activations, cfg.chunked_loss)
+            res = self.graphed(micro, lr) if self.graphed is not None else self.train_micro(micro)
         except TrainingError as e:
             raise TrainingError(f"step {self.step + 1}: {e}; the run stopped, {self.stopped()}; fix: lower lr (now "
                                 f"{cfg.lr:g}), raise warmup_steps, set max_grad_norm, or use precision=fp32 / "
@@ -231,14 +271,14 @@ class Run:
             torch.cuda.reset_peak_memory_stats(self.device)
         bar = tqdm(total=self.total, initial=self.step, disable=not cfg.progress, dynamic_ncols=True, desc="train")
         try:
-            while self.step < self.total and not stop["flag"]:
+            while self.step < self.total and not self.agree(stop["flag"]):
                 row = self.one_step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                                 tok_s=f"{self.tok_done / self.t_train:,.0f}", mem=f"{row['peak_mem_gib']:.2f}G")
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total:
                     ev = self.run_eval()
-                    if ev:
+                    if ev and self.main:
                         bar.write(f"step {self.step}: validation loss {ev['val_loss']:.4f}")
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
                     self.last_ckpt = self.checkpoint()
@@ -250,7 +290,7 @@ class Run:
             if main_thread:
                 signal.signal(signal.SIGINT, old_handler)
         bar.close()
-        return stop["flag"] and self.step < self.total
+        return self.agree(stop["flag"]) and self.step < self.total
 
     def summary(self, val_before, val_after, interrupted: bool, final: Path | None, plot: Path | None) -> dict:
         return {"steps": self.step, "total_steps": self.total, "loss": self.last.get("loss"),
@@ -263,7 +303,7 @@ class Run:
                 "model": self.model, "tokenizer": self.tokenizer}
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, run_cls: type[Run] | None = None) -> dict[str, Any]:
     """Run a whole fine-tuning: build, (resume,) train, evaluate, checkpoint, save the result.
 
     Outputs in cfg.out_dir: config.yaml, metrics.jsonl, loss.png, checkpoints/step-N/, and adapter/ (PEFT format)
@@ -275,14 +315,16 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         SlimtuneError subclasses for bad config, data, checkpoints; TrainingError when the loss diverges.
     """
     with kernels.use(cfg.kernels):
-        return _train(cfg, log)
+        return _train(cfg, log, run_cls or Run)
 
 
-def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    run = Run(cfg, log)
+def _train(cfg: TrainConfig, log: Callable[[str], None], run_cls: type[Run]) -> dict[str, Any]:
+    """`train` inside its kernel setting; `run_cls`: `Run`, or `dist_run.DistRun` in a torchrun process."""
+    run = run_cls(cfg, log)
     val_before = run.run_eval() if run.step == 0 else None
     if val_before:
-        log(f"validation loss before training: {val_before['val_loss']:.4f} (perplexity {val_before['val_ppl']:.2f})")
+        run.log(f"validation loss before training: {val_before['val_loss']:.4f} (perplexity "
+                f"{val_before['val_ppl']:.2f})")
     interrupted = run.fit()
     try:
         run.last_ckpt = run.checkpoint()
@@ -291,17 +333,18 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any]:
         raise
     val_after = None
     if interrupted:
-        log(f"interrupted at step {run.step}: checkpoint saved to {run.last_ckpt}; continue with resume=latest")
+        run.log(f"interrupted at step {run.step}: checkpoint saved to {run.last_ckpt}; continue with resume=latest")
     else:
         val_after = run.run_eval()
         if val_after:
-            log(f"validation loss after training: {val_after['val_loss']:.4f} (perplexity {val_after['val_ppl']:.2f})")
+            run.log(f"validation loss after training: {val_after['val_loss']:.4f} (perplexity "
+                    f"{val_after['val_ppl']:.2f})")
     run.logger.close()
-    plot = plot_losses(run.metrics_path, run.out / "loss.png") if cfg.plot else None
+    plot = plot_losses(run.metrics_path, run.out / "loss.png") if cfg.plot and run.main else None
     final = None
     if cfg.save_final and not interrupted:
-        final = save_result(run.model, cfg, run.tokenizer, run.out)
-        log(f"saved {'model' if cfg.method in ('full', 'relora') else 'adapter'} to {final}")
+        final = run.save_final()
+        run.log(f"saved {'model' if cfg.method in ('full', 'relora') else 'adapter'} to {final}")
     return run.summary(val_before, val_after, interrupted, final, plot)
 
 

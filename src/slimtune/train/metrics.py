@@ -88,3 +88,13 @@ class MetricsLogger:
         self.f.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class NullLogger:
+    """What a rank that writes nothing logs to (runs on several processes: rank 0 writes the metrics)."""
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,32 +61,36 @@ def predicted_tokens(micro: list[dict]) -> int:
 
 
 def train_step(model: nn.Module, micro: list[dict], optimizer, scaler, prec: Precision, device: torch.device,
-               max_grad_norm: float, params: list[nn.Parameter], offload: bool = False,
-               chunked: bool = True) -> dict[str, Any]:
+               max_grad_norm: float, params: list[nn.Parameter], offload: bool = False, chunked: bool = True,
+               n_pred: int | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+               ) -> dict[str, Any]:
     """One optimizer step over the micro-batches `micro` (gradient accumulation).
 
     Every micro-batch's summed loss is divided by the token count of the whole step, so the accumulated gradient is
     that of the mean over all tokens (as one big batch). With a scaler the loss is multiplied by the scale before
     backward and the gradients are unscaled before clipping; the scaler skips a step whose gradients hold inf/NaN.
+    On several processes (`distributed.py`) `micro` is this rank's share, `n_pred` the token count of the global
+    step and `reduce` sums the loss over ranks (FSDP2 sums the gradients; the norm of sharded ones is global).
     Returns:
         {'loss', 'grad_norm', 'tokens', 'skipped'}.
     Raises:
         TrainingError: the loss is NaN/inf, or (without a scaler) a gradient is.
     """
-    n_pred = predicted_tokens(micro)
+    n_pred = predicted_tokens(micro) if n_pred is None else n_pred
     total = torch.zeros((), device=device)
     for b in micro:
         loss_sum, _ = forward_loss(model, b, prec, device, offload, chunked)
         loss = loss_sum / max(n_pred, 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
-    loss_val = total.item()
+    loss_val = (reduce(total) if reduce is not None else total).item()
     if not math.isfinite(loss_val):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingError(f"loss is {loss_val} under precision={prec.name}")
     if scaler is not None:
         scaler.unscale_(optimizer)
-    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a replicated DTensor
     skipped = False
     if scaler is not None:
         before = scaler.get_scale()

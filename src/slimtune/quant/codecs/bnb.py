@@ -127,10 +127,11 @@ class FourBitCodec(GroupedCodec):
     @staticmethod
     def state(m: nn.Module) -> Quant4bit:
         """The layer's buffers as a `Quant4bit` (with the code tables a loaded checkpoint brought, if any)."""
-        nested = m.double_quant
-        return Quant4bit(m.weight, m.absmax, torch.Size((m.out_features, m.in_features)), m.compute_dtype, m.fmt,
-                         m.group_size, m.nested_absmax if nested else None, m.nested_offset if nested else None,
-                         code=getattr(m, "_code", None), nested_code=getattr(m, "_nested_code", None))
+        nested, t = m.double_quant, m.typed  # typed: FSDP2 holds them as bytes (quant/shard.py)
+        return Quant4bit(t("weight"), t("absmax"), torch.Size((m.out_features, m.in_features)), m.compute_dtype,
+                         m.fmt, m.group_size, t("nested_absmax") if nested else None,
+                         t("nested_offset") if nested else None, code=getattr(m, "_code", None),
+                         nested_code=getattr(m, "_nested_code", None))
 
     def dequantize(self, m: nn.Module, dtype: torch.dtype) -> Tensor:
         return dequantize_4bit(self.state(m), dtype)

@@ -1,0 +1,240 @@
+"""Benchmark: FSDP2 through torchrun on one machine with 2 GPUs - LoRA and QLoRA on the Llama-3-8B shape (1 GPU against
+2 GPUs: tokens/s, per-GPU peak memory, the same losses), and QLoRA on the Llama-3-70B shape on the 2 GPUs beside the
+memory estimator's `--gpus 2` prediction.
+
+    python benchmarks/fsdp_8b.py                  # 2 H200s: everything in one call (aim: < 9 min)
+    python benchmarks/fsdp_8b.py --cpu            # CPU smoke test of the same path: tiny shapes, gloo, 2 processes
+
+8B: a random bf16 checkpoint of the shape (normal(0, 0.02) matrices, unit norms; `qlora_8b.write_random_checkpoint`,
+written once to --workdir) is fine-tuned by the real command: `slimtune finetune` on one GPU (batch_size=1,
+grad_accum=2) against `torchrun --standalone --nproc-per-node 2 -m slimtune finetune` (batch_size=2, grad_accum=1: one
+row per GPU), so both see the same global batches of 2 x 2048 tokens: LoRA r=16 alpha=16 on q,k,v,o,gate,up,down
+(QLoRA: NF4 + double quantization), bf16-mixed, gradient checkpointing, AdamW lr 1e-4 constant, 20 steps, eager steps
+with the full-logits loss on both sides (as FSDP2 runs them; --fast-baseline: the 1-GPU defaults). Data: random
+ASCII words in `text` format, byte-level built-in tokenizer, packed rows of 2048. tokens/s is over steps 4-20 (the
+first three warm up), peak memory is rank 0's `max_memory_allocated` over the steps.
+
+70B: no 140 GB checkpoint is written. Each rank generates the rows of its own shards directly on its GPU (normal(0,
+0.02) from a generator seeded by the tensor name and row range) and quantizes them to NF4 there
+(`slimtune.train.sharded.build_sharded` with a generating source), then 10 steps as above, 1 row per GPU.
+
+Prints one JSON line per run and a table at the end; NCCL runs with NVLink multicast off (NCCL_NVLS_ENABLE=0,
+TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1), as the machine requires.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+
+
+def write_text_data(path: Path, rows: int, seq: int, seed: int = 0) -> Path:
+    """`rows` text records of about `seq` bytes of random lowercase words (one token per byte)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(rows):
+            words, n = [], 0
+            while n < seq - 40:
+                w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+                words.append(w)
+                n += len(w) + 1
+            f.write(json.dumps({"text": " ".join(words)}) + "\n")
+    return path
+
+
+def run_keys(a, method: str, model: str, data: Path, out: Path, gpus: int, steps: int) -> list[str]:
+    """The `slimtune finetune` keys of one run: the same global batch (2 rows, or `gpus` rows) on 1 or 2 GPUs."""
+    rows = max(gpus, a.global_rows)
+    per_micro = rows if gpus > 1 else 1
+    return [f"model={model}", "tokenizer=builtin", f"data={data}", "data_format=text", f"method={method}",
+            f"rank={a.rank}", f"alpha={a.rank}", f"targets={TARGETS}", f"max_length={a.seq}", "packing=true",
+            f"batch_size={per_micro}", f"grad_accum={rows // per_micro}", f"max_steps={steps}", "lr=1e-4",
+            "schedule=constant", "warmup_steps=0", "grad_ckpt=true", f"out_dir={out}", "progress=false",
+            "plot=false", "save_final=false", "save_every=0", "eval_every=0", f"device={a.device}", "seed=0",
+            f"precision={'bf16-mixed' if a.device == 'cuda' else 'fp32'}",
+            # like for like: FSDP2 steps are eager with the full-logits loss (see slimtune.train.dist_run)
+            *([] if a.fast_baseline and gpus == 1 else ["chunked_loss=false", "cuda_graph=off"])]
+
+
+def summarise(name: str, out: Path, gpus: int, t0: float, warm: int = 3, extra: dict | None = None) -> dict:
+    """One result line from a run's metrics.jsonl: tokens/s over the steps after `warm` (every step has the same
+    tokens, so the harmonic mean of the steps' tokens/s is total tokens / total time), rank 0's peak memory."""
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r for r in steps if "loss" in r]
+    timed = steps[warm:] or steps
+    tok_s = len(timed) / sum(1 / r["tokens_per_s"] for r in timed)
+    res = {"run": name, "gpus": gpus, "steps": len(steps), "tokens_per_s": round(tok_s, 1),
+           "peak_gib": max(r["peak_mem_gib"] for r in steps), "losses": [round(r["loss"], 5) for r in steps],
+           "wall_s": round(time.perf_counter() - t0, 1)}
+    res.update(extra or {})
+    return res
+
+
+def launch(cmd: list[str], gpus: int, a) -> None:
+    """Run one benchmark process, or a torchrun job of `gpus` processes; stop on failure with its output."""
+    env = {**os.environ, **NCCL_ENV}
+    if a.device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
+    else:
+        env["OMP_NUM_THREADS"] = "1"  # the smoke test: no CPU oversubscription against the other process
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"] if gpus > 1 \
+        else [sys.executable]
+    r = subprocess.run(head + cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if r.returncode:
+        sys.stdout.write(r.stdout[-6000:])
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(head + cmd)}")
+
+
+def predicted_gib(shape: str, method: str, a, gpus: int) -> float:
+    """The estimator's per-GPU peak for one run (rows per GPU: 1), as `slimtune memory --gpus` predicts it."""
+    from slimtune.memory.estimate import EstimateInput, estimate
+    from slimtune.models.shapes import get_shape
+
+    e = estimate(EstimateInput(get_shape(shape), method, "bf16-mixed" if a.device == "cuda" else "fp32", "adamw",
+                               1, a.seq, True, lora_rank=a.rank, gpus=gpus,
+                               chunked_loss=a.fast_baseline and gpus == 1))  # as the run takes its loss
+    return round(e["total_bytes"] / 2**30, 2)
+
+
+# ---- the 70B run: weights generated per shard --------------------------------------------------------------------
+def worker_generated(a) -> None:
+    """In a torchrun process: fine-tune the `a.huge` shape with weights generated on each rank for its own shards."""
+    import torch
+    import torch.distributed as dist
+
+    from slimtune.models.decoder import Decoder
+    from slimtune.models.shapes import get_shape
+    from slimtune.precision.policy import resolve_precision
+    from slimtune.train.config import load_config
+    from slimtune.train.dist_run import DistRun
+    from slimtune.train.loop import train
+    from slimtune.train.sharded import TensorSource, build_sharded
+
+    mc = get_shape(a.huge)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Decoder(mc).state_dict().items()}
+
+    class Generated(TensorSource):
+        """normal(0, 0.02) rows (norms: ones) in bf16, made on the rank's device from (tensor name, first row)."""
+
+        def __init__(self, device) -> None:
+            super().__init__(f"generated {a.huge}", tensors={})
+            self.device = device
+
+        def shapes(self):
+            return shapes
+
+        def rows(self, name, r0, r1):
+            shape = (r1 - r0, *shapes[name][1:])
+            if "norm" in name:
+                return torch.ones(shape, dtype=torch.bfloat16, device=self.device)
+            g = torch.Generator(device=self.device).manual_seed(zlib.crc32(name.encode()) * 1_000_003 + r0)
+            return (torch.randn(shape, generator=g, device=self.device) * 0.02).to(torch.bfloat16)
+
+    class GeneratedRun(DistRun):
+        def build(self):
+            prec = resolve_precision(self.cfg.precision, self.device, self.cfg.base_dtype)
+            model, counts = build_sharded(self.cfg, prec, self.device, self.mesh, self.env,
+                                          source=(mc, Generated(self.device)))
+            return model, prec, counts
+
+    keys = run_keys(a, "qlora", f"generated-{a.huge}", Path(a.data), Path(a.out), int(os.environ["WORLD_SIZE"]),
+                    a.steps)
+    try:
+        train(load_config(None, keys), log=print if os.environ.get("RANK") == "0" else (lambda s: None),
+              run_cls=GeneratedRun)
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- the driver ----------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="smoke test on the CPU: tiny shapes, gloo")
+    ap.add_argument("--workdir", default="/tmp/slimtune_fsdp")
+    ap.add_argument("--model", help="an existing bf16 checkpoint of the 8B shape instead of writing one")
+    ap.add_argument("--only", default="lora,qlora,70b", help="which runs: lora, qlora, 70b")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps-70b", type=int, default=10)
+    ap.add_argument("--seq", type=int, default=None, help="default 2048 (--cpu: 128)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--global-rows", type=int, default=2, help="rows per step (the 2-GPU run: one per GPU)")
+    ap.add_argument("--fast-baseline", action="store_true", help="the 1-GPU runs with the defaults (chunked loss, "
+                    "CUDA graphs), which FSDP2 runs do not have")
+    ap.add_argument("--worker-generated", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--huge", default="llama3-70b", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    a.device = "cpu" if a.cpu else "cuda"
+    a.seq = a.seq or (128 if a.cpu else 2048)
+    if a.worker_generated:
+        return worker_generated(a)
+    big, a.huge = ("tiny", "tiny") if a.cpu else ("llama3-8b", "llama3-70b")
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    data = write_text_data(work / "data.jsonl", rows=a.global_rows * (max(a.steps, a.steps_70b) + 2), seq=a.seq)
+    t_all = time.perf_counter()
+    only = set(a.only.split(","))
+    results = []
+    if only & {"lora", "qlora"}:
+        sys.path.insert(0, str(HERE))
+        from qlora_8b import write_random_checkpoint
+
+        from slimtune.models.shapes import get_shape
+
+        t0 = time.perf_counter()
+        model = Path(a.model) if a.model else write_random_checkpoint(get_shape(big), work / big, a.device)
+        print(json.dumps({"run": "checkpoint", "path": str(model), "wall_s": round(time.perf_counter() - t0, 1)}),
+              flush=True)
+        for method in ("lora", "qlora"):
+            if method not in only:
+                continue
+            for gpus in (1, 2):
+                out, t0 = work / f"{method}-{gpus}", time.perf_counter()
+                launch(["-m", "slimtune", "finetune", *run_keys(a, method, str(model), data, out, gpus, a.steps)],
+                       gpus, a)
+                res = summarise(f"{big} {method}", out, gpus, t0,
+                                extra={"predicted_gib": predicted_gib(big, method, a, gpus)})
+                results.append(res)
+                print(json.dumps(res), flush=True)
+    if "70b" in only:
+        out, t0 = work / "qlora-70b", time.perf_counter()
+        launch([str(Path(__file__).resolve()), "--worker-generated", f"--data={data}", f"--out={out}",
+                f"--seq={a.seq}", f"--rank={a.rank}", f"--steps={a.steps_70b}", f"--huge={a.huge}",
+                f"--global-rows={a.global_rows}", *(["--cpu"] if a.cpu else [])], 2, a)
+        res = summarise(f"{a.huge} qlora (generated)", out, 2, t0, warm=2,
+                        extra={"predicted_gib": predicted_gib(a.huge, "qlora", a, 2)})
+        results.append(res)
+        print(json.dumps(res), flush=True)
+    table(results)
+    print(f"total {time.perf_counter() - t_all:.0f} s")
+
+
+def table(results: list[dict]) -> None:
+    """The runs side by side: 2-GPU speedup and the largest loss difference against the 1-GPU run of the same kind."""
+    print("| run | GPUs | tokens/s | speedup | peak GiB per GPU | predicted | vs prediction "
+          "| max abs loss diff vs 1 GPU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    one = {r["run"]: r for r in results if r["gpus"] == 1}
+    for r in results:
+        base = one.get(r["run"]) if r["gpus"] > 1 else None
+        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        diff = f"{max(abs(x - y) for x, y in zip(r['losses'], base['losses'])):.2e}" if base else "-"
+        vs = f"{100 * (r['peak_gib'] / r['predicted_gib'] - 1):+.1f}%" if r["predicted_gib"] else "-"
+        print(f"| {r['run']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {speed} | {r['peak_gib']:.2f} | "
+              f"{r['predicted_gib']:.2f} | {vs} | {diff} |")
+
+
+if __name__ == "__main__":
+    main()
