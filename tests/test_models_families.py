@@ -77,8 +77,8 @@ def test_lora_adapters_both_ways_with_peft(arch, tmp_path):
     back, _ = load_model(folder)
     P.load_adapter(back, tmp_path / "theirs")
     assert (back(x) - pm(x).logits).abs().max() <= 1e-5
-    P.merge_and_unload(back)
-    assert (back(x) - pm(x).logits).abs().max() <= 1e-5
+    P.merge_and_unload(back)  # W + s B A in fp32 sums in another order than the unmerged path: 2e-5 (1.3e-5 seen)
+    assert (back(x) - pm(x).logits).abs().max() <= 2e-5
 
 
 def _fields(cfg: ModelConfig) -> dict:

@@ -137,7 +137,9 @@ def train_distributed(cfg: TrainConfig, log: Callable[[str], None] = print) -> d
     import torch.distributed as dist
 
     try:
-        return train(cfg, log, run_cls=DistRun)
+        res = train(cfg, log, run_cls=DistRun)
+        dist.barrier()  # no process tears its connections down while another still uses them
+        return res
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

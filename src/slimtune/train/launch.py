@@ -33,7 +33,8 @@ def launch(nproc: int, argv: list[str]) -> int:
         codes = {rank: f.exitcode for rank, f in e.failures.items()}
         if 2 in codes.values() or 130 in codes.values():
             return 2 if 2 in codes.values() else 130
-        rank, code = min(codes.items())
+        # the launcher stops the others with SIGTERM (-15) once one fails: name the one that failed first
+        rank, code = min(codes.items(), key=lambda rc: (rc[1] == -15, rc[0]))
         print(f"slimtune: process {rank} of {nproc} failed with exit code {code} (see its output above)",
               file=sys.stderr)
         return 1
