@@ -7,8 +7,12 @@ The model is loaded once; lengths are tried doubling from --start until a step f
 (the first step at a length includes any allocator growth, which is what fits or not). One JSON line per trial (seq,
 ok, seconds, tokens/s, peak GiB) and a summary line.
 
-    python benchmarks/long_context.py --stack slimtune --model /tmp/anchor_model
-    PYTHONPATH=/tmp/site_uns:/tmp/site_base python benchmarks/long_context.py --stack unsloth --model /tmp/anchor_model
+`--cap-gib G` lets each stack use at most G GiB of the GPU (`torch.cuda.set_per_process_memory_fraction`, set
+before anything is loaded): the longest sequence on a smaller card, found on the big one. Without a cap the search on
+an H200 runs into the step time (it grows with the square of the length: about a minute at 128k) before the memory.
+
+    python benchmarks/long_context.py --stack slimtune --model /tmp/anchor_model --cap-gib 16
+    PYTHONPATH=/tmp/site_uns:/tmp/site_base python benchmarks/long_context.py --stack unsloth --cap-gib 16
 """
 from __future__ import annotations
 
@@ -84,7 +88,9 @@ def trial(step, seq: int) -> dict:
         loss = step(seq)
         torch.cuda.synchronize()
         ok, err = True, None
-    except torch.cuda.OutOfMemoryError as e:
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # (some kernels report it as a plain RuntimeError)
+        if "out of memory" not in str(e).lower():
+            raise
         ok, err, loss = False, str(e).split("\n")[0][:160], None
     dt = time.perf_counter() - t
     return {"seq": seq, "ok": ok, "seconds": round(dt, 1), "tokens_per_s": round(seq / dt, 1) if ok else None,
@@ -99,7 +105,13 @@ def main() -> None:
     ap.add_argument("--max", type=int, default=1 << 20)
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop trying once this much stepping is spent")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--cap-gib", type=float, help="use at most this much GPU memory (a smaller card on a big one)")
     a = ap.parse_args()
+    if a.cap_gib:
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(a.cap_gib * 2**30 / total)
     step, _ = (slimtune_step if a.stack == "slimtune" else unsloth_step)(a.model, a.max)
     rows, good, bad, spent, seq = [], 0, None, 0.0, a.start
     while spent < a.budget_s:
@@ -119,7 +131,7 @@ def main() -> None:
             break
         else:
             seq = (good + bad) // 2 // 1024 * 1024
-    summary = {"stack": a.stack, "longest_ok": good, "first_failed": bad, "stepping_s": round(spent, 1),
+    summary = {"stack": a.stack, "cap_gib": a.cap_gib, "longest_ok": good, "first_failed": bad, "stepping_s": round(spent, 1),
                "within_10pct": bad is not None and good > 0 and bad - good <= 0.1 * good, "trials": len(rows)}
     print(json.dumps({"summary": summary}))
     with open(os.path.join(a.out, "long_context.jsonl"), "a") as fh:
