@@ -1,0 +1,165 @@
+"""The tiled MLP (`layers.MLP.tile`, set by `Decoder.mlp_tile` under grad_ckpt): inside both block recomputes
+(grad_ckpt=True and "offload") it gives the loss and the gradients of the model without tiling or checkpointing, with
+LoRA dropout replayed piece by piece, and its backward holds one piece's (B, tile, f) intermediates whatever the
+sequence length (measured on the CPU by following every storage of an MLP-sized tensor)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from slimtune.errors import ConfigError
+from slimtune.models.decoder import Decoder, init_weights
+from slimtune.models.recompute import MLP_TILE
+from slimtune.models.shapes import get_shape
+
+TILE = 6  # tokens per piece; the sequences below are 20 tokens: pieces of 6, 6, 6 and 2
+
+
+def model(lora: bool, dropout: float = 0.0, seed: int = 0, f: int | None = None) -> Decoder:
+    cfg = get_shape("tiny-qwen3")
+    if f is not None:
+        cfg = dataclasses.replace(cfg, intermediate_size=f)
+    m = init_weights(Decoder(cfg), seed).train()
+    if lora:
+        from slimtune.peft import apply_method, freeze_base
+
+        torch.manual_seed(seed)
+        apply_method(m, {"method": "lora", "r": 4, "target_modules": "all-linear", "lora_dropout": dropout,
+                         "init_lora_weights": False})
+        freeze_base(m)
+    return m
+
+
+def grads(m: Decoder, mode, tile: int | None, seed: int = 3) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    m.grad_ckpt, m.mlp_tile = mode, tile
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, m.config.vocab_size, (2, 20), generator=g)
+    torch.manual_seed(11)  # the same dropout masks for every run
+    logits = m(ids).float()
+    loss = F.cross_entropy(logits.flatten(0, 1), torch.randint(0, m.config.vocab_size, (40,), generator=g))
+    loss.backward()
+    out = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    return loss.detach(), out
+
+
+def assert_same(ref: tuple, got: tuple) -> None:
+    """The loss bitwise (each token's rows go through the same ops either way); every gradient within 1e-6: a
+    weight's gradient sums over tokens, and the tiles add it up piece by piece into .grad (another fp32 summation
+    order, differences of ~2e-8 here)."""
+    (loss_ref, g_ref), (loss, g) = ref, got
+    assert torch.equal(loss, loss_ref)
+    assert set(g) == set(g_ref) and len(g) > 0
+    for n in g_ref:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=0, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("mode", [True, "offload"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_tiled_mlp_equals_untiled(mode, lora):
+    m = model(lora)
+    ref = grads(m, False, None)
+    got = grads(m, mode, TILE)
+    assert all(layer.mlp.tile == TILE for layer in m.model.layers)
+    assert_same(ref, got)
+    assert not torch.equal(ref[0], grads(m, False, None, seed=4)[0])  # the loss depends on the data drawn
+
+
+def untiled_pieces(m: Decoder, tile: int) -> None:
+    """The reference for dropout: each MLP runs the same pieces in order (so draws the same dropout masks) with
+    every intermediate kept, no checkpoint, nothing recomputed."""
+    for layer in m.model.layers:
+        mlp = layer.mlp
+        mlp.forward = lambda x, mlp=mlp: torch.cat([mlp._mlp(p.contiguous()) for p in x.split(tile, -2)], -2)
+
+
+@pytest.mark.parametrize("mode", [True, "offload"])
+def test_tiled_mlp_replays_lora_dropout(mode):
+    m = model(True, dropout=0.3)
+    got = grads(m, mode, TILE)
+    untiled_pieces(m, TILE)
+    ref = grads(m, False, None)
+    assert_same(ref, got)
+    del_forward = [layer.mlp.__dict__.pop("forward") for layer in m.model.layers]
+    assert len(del_forward) == m.config.num_hidden_layers
+    plain = grads(m, False, None)  # the whole sequence's masks differ from the pieces': dropout is on
+    assert not torch.equal(plain[0], ref[0])
+
+
+def test_decoder_sets_the_tile_only_under_checkpointing():
+    m = model(True)
+    assert m.mlp_tile == MLP_TILE and all(layer.mlp.tile is None for layer in m.model.layers)
+    m.grad_ckpt = "offload"
+    assert all(layer.mlp.tile == MLP_TILE for layer in m.model.layers)
+    m.mlp_tile = None
+    assert all(layer.mlp.tile is None for layer in m.model.layers)
+    m.mlp_tile = 16
+    m.grad_ckpt = False
+    assert all(layer.mlp.tile is None for layer in m.model.layers)
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ConfigError, match="mlp_tile"):
+            m.mlp_tile = bad
+
+
+def test_short_sequences_and_eval_run_untiled():
+    m = model(True, dropout=0.2)
+    ref = grads(m, True, None)
+    assert_same(ref, grads(m, True, 20))  # T == tile: the untiled path
+    (l1, g1), (l2, g2) = ref, grads(m, True, 20)
+    assert torch.equal(l1, l2) and all(torch.equal(g1[n], g2[n]) for n in g1)  # bitwise
+    m.grad_ckpt, m.mlp_tile = True, TILE
+    ids = torch.randint(0, m.config.vocab_size, (1, 20))
+    calls = []
+    m.model.layers[0].mlp._tiled = lambda x, t: calls.append(t)
+    m.eval()
+    with torch.no_grad():
+        m(ids)
+    assert calls == []
+
+
+class MLPBytes(TorchDispatchMode):
+    """Peak bytes of live storages behind tensors whose last dim is f or 2f (gate, up, their product, their
+    gradients, dropout's noise), leaving out those of `skip` rows (the (d, f) down_proj weight, its copies and
+    gradient; the adapters' (r, f)); a storage counts while any tensor holds it."""
+
+    def __init__(self, f: int, skip: tuple[int, ...]) -> None:
+        super().__init__()
+        self.f, self.skip, self.live, self.peak = f, skip, {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] in (self.f, 2 * self.f) \
+                    and t.shape[:-1].numel() not in self.skip:
+                st = t.untyped_storage()
+                self.live[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
+        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
+def mlp_peak(lora: bool, mode, T: int, tile: int | None) -> int:
+    f = 1024  # the MLP dominates: its (B, T, f) tensors are 8x the (B, T, d) ones
+    m = model(lora, dropout=0.1, f=f)
+    m.grad_ckpt, m.mlp_tile = mode, tile
+    ids = torch.randint(0, m.config.vocab_size, (2, T))
+    with MLPBytes(f, skip=(4, m.config.hidden_size)) as probe:  # 2 x T rows: never 4 or 128
+        m(ids).float().logsumexp(-1).mean().backward()
+    return probe.peak
+
+
+@pytest.mark.parametrize("mode", [True, "offload"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_tiled_backward_holds_one_piece(lora, mode):
+    one_piece = mlp_peak(lora, mode, 32, None)  # a 32-token sequence, untiled
+    tiled_256, tiled_512 = mlp_peak(lora, mode, 256, 32), mlp_peak(lora, mode, 512, 32)
+    untiled_256 = mlp_peak(lora, mode, 256, None)
+    assert tiled_256 == tiled_512  # independent of the sequence length
+    assert tiled_256 == one_piece  # one piece's working set
+    assert untiled_256 == 8 * one_piece  # the whole sequence's (B, T, f) tensors
