@@ -177,3 +177,25 @@ def test_tiled_backward_holds_one_piece(lora, mode):
     assert tiled_256 == tiled_512  # independent of the sequence length
     assert tiled_256 == one_piece  # one piece's working set
     assert untiled_256 == 8 * one_piece  # the whole sequence's (B, T, f) tensors
+
+
+def test_estimator_counts_one_piece_of_the_mlp():
+    from slimtune.memory.estimate import estimate
+
+    cfg = get_shape("llama3-8b")
+    f, c, rank = cfg.intermediate_size, 2, 16  # bf16 activations
+
+    def peak(seq: int, **kw) -> dict:
+        return estimate(cfg, "qlora", batch=1, seq=seq, lora_rank=rank, **kw)
+
+    for seq in (4096, MLP_TILE):  # not longer than one piece: as before
+        assert peak(seq, grad_ckpt="offload") == peak(seq, grad_ckpt="offload", mlp_tile=None)
+    seq = 16 * MLP_TILE
+    tiled, untiled = peak(seq, grad_ckpt="offload"), peak(seq, grad_ckpt="offload", mlp_tile=None)
+    # the kernels' path keeps per token gate|up (2f) and down's input (f): 15 of 16 pieces' go (down's x A^T, rank
+    # per token, is left counted in full)
+    cut = (seq - MLP_TILE) * 3 * f * c
+    assert tiled["detail"]["tiled_mlp_saving_bytes"] == cut
+    # and the MLP's (N, f) gradients in backward give way to attention's, smaller
+    assert cut < untiled["total_bytes"] - tiled["total_bytes"] < cut + 2 * seq * f * c
+    assert peak(seq, grad_ckpt=False) == peak(seq, grad_ckpt=False, mlp_tile=None)  # no recompute, no pieces
