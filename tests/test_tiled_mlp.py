@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_models_recompute import grads as step_grads
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -37,16 +37,9 @@ def model(lora: bool, dropout: float = 0.0, seed: int = 0, f: int | None = None)
 
 
 def grads(m: Decoder, mode, tile: int | None, seed: int = 3) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    m.grad_ckpt, m.mlp_tile = mode, tile
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, m.config.vocab_size, (2, 20), generator=g)
-    torch.manual_seed(11)  # the same dropout masks for every run
-    logits = m(ids).float()
-    loss = F.cross_entropy(logits.flatten(0, 1), torch.randint(0, m.config.vocab_size, (40,), generator=g))
-    loss.backward()
-    out = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-    m.zero_grad(set_to_none=True)
-    return loss.detach(), out
+    """The loss and the gradients of one step on fresh random tokens (2 x 20), the same dropout seed every time."""
+    m.mlp_tile = tile
+    return step_grads(m, mode, seed)
 
 
 def assert_same(ref: tuple, got: tuple) -> None:
