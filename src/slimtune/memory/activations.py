@@ -7,6 +7,7 @@ the output and the fp32 logsumexp; `log_softmax` keeps its output. Tensors share
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,22 +212,41 @@ def head_saved(cfg: ModelConfig, batch: int, seq: int, r: Regime, chunked: bool 
     return s
 
 
-def block_backward_transient(cfg: ModelConfig, batch: int, seq: int, r: Regime) -> int:
+def block_backward_transient(cfg: ModelConfig, batch: int, seq: int, r: Regime, tile: int | None = None) -> int:
     """The largest set of activation gradients alive at once inside one block's backward (beyond its saved tensors).
 
-    MLP: dL/dm (N, f) exists while dL/d(act) and dL/du (N, f) are formed, and m is already freed: + 2 N f.
+    MLP: dL/dm (N, f) exists while dL/d(act) and dL/du (N, f) are formed, and m is already freed: + 2 N f; with the
+    tiled MLP (`tile` tokens per piece, seq > tile) those are one piece's, batch * tile rows.
     Attention (flash backward): dq, dk, dv plus an fp32 dq accumulator (N, q) and, with grouped heads, dk/dv expanded
     to all heads (N, q) each before the reduction. Both also hold dL/dx (N, d).
     """
     d, f, qd, kvd, _ = _dims(cfg)
     N, c = batch * seq, r.compute
-    mlp = 2 * N * f * c if cfg.mlp_gated else N * f * c
+    rows = batch * min(seq, tile or seq)  # the MLP's rows at once
+    mlp = 2 * rows * f * c if cfg.mlp_gated else rows * f * c
     attn = N * (qd + 2 * kvd) * c + N * qd * 4
     if cfg.num_key_value_heads != cfg.num_attention_heads:
         attn += 2 * N * qd * c
     if r.attention == "math" or cfg.attn_softcap:  # soft-capped attention always runs the math path
         attn += 2 * batch * cfg.num_attention_heads * seq * seq * c
     return max(mlp, attn) + N * d * c
+
+
+def tiled_mlp_saving(cfg: ModelConfig, batch: int, seq: int, tile: int | None, r: Regime,
+                     x_grad: bool = True) -> int:
+    """Bytes fewer that a recomputed block holds in its backward when its MLP runs in pieces of `tile` tokens
+    (`models.layers.MLP.tile`; 0 when seq <= tile or tile is None): the MLP's (N, f)-sized saved tensors (gate, up,
+    their product, down's input) are then one piece's (batch * tile rows) at a time. They are
+    the part of `block_saved` that grows with f (the block with f = 0 keeps the rest: attention, the norms, the MLP's
+    (N, d) input, which the pieces' checkpoints keep as views); the pieces' outputs are (N, d), as the MLP's."""
+    if not tile or seq <= tile:
+        return 0
+    no_f = dataclasses.replace(cfg, intermediate_size=0)
+
+    def f_part(s: int) -> int:
+        return sum(block_saved(cfg, batch, s, r, x_grad).values()) - sum(block_saved(no_f, batch, s, r,
+                                                                                     x_grad).values())
+    return f_part(seq) - f_part(tile)
 
 
 def kernels_modelled(cfg: ModelConfig) -> bool:

@@ -14,10 +14,11 @@ from typing import Any
 
 from slimtune.errors import ConfigError
 from slimtune.memory.activations import (BLOCK_LINEARS, Regime, block_backward_transient, block_saved, head_saved,
-                                         loss_bytes, shared_saved)
+                                         loss_bytes, shared_saved, tiled_mlp_saving)
 from slimtune.memory.fsdp import shard_over_gpus
 from slimtune.memory.params import Param, param_table
 from slimtune.models.config import ModelConfig
+from slimtune.models.recompute import MLP_TILE
 from slimtune.optim.build import OPTIMIZERS, SGD_MOMENTUM
 from slimtune.precision.formats import dtype_bytes, short_name
 from slimtune.precision.policy import POLICIES, make_policy
@@ -45,7 +46,8 @@ class EstimateInput:
     kernels' path (default: on CUDA). chunked_loss, loss_chunk: the loss from the hidden states, `loss_chunk` rows
     of logits at a time, never the (B, S, V) logits. gpus: FSDP2 over this many GPUs (`memory/fsdp.py`): the peak of
     one of them; `batch` is then the rows each GPU runs, and the loss is taken from the full logits (as FSDP2 runs
-    take it)."""
+    take it). mlp_tile: with grad_ckpt, the MLP of a longer sequence runs in pieces of this many tokens (the
+    decoder's `mlp_tile`; None: untiled)."""
 
     cfg: ModelConfig
     method: str = "lora"
@@ -77,6 +79,7 @@ class EstimateInput:
     chunked_loss: bool = True  # the loss from the hidden states in chunks (train.loss.lm_head_loss)
     loss_chunk: int | None = None  # rows per chunk; None: kernels.cross_entropy.default_chunk(vocab)
     gpus: int = 1  # FSDP2 over this many GPUs: the peak of one of them (whose loss is never chunked)
+    mlp_tile: int | None = MLP_TILE  # tokens per MLP piece in the recomputed blocks (grad_ckpt only)
 
     def validate(self) -> None:
         """Raises ConfigError on an unknown method / precision / optimizer / offload or a non-positive size."""
@@ -91,7 +94,8 @@ class EstimateInput:
                               "see slimtune.optim.galore); use optimizer=adamw for an upper bound")
         if self.offload not in OFFLOADS:
             raise ConfigError(f"unknown offload {self.offload!r}; choose activations or optimizer")
-        for name, v in (("batch", self.batch), ("seq", self.seq), ("gpus", self.gpus)):
+        tile = () if self.mlp_tile is None else (("mlp_tile", self.mlp_tile),)
+        for name, v in (("batch", self.batch), ("seq", self.seq), ("gpus", self.gpus)) + tile:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.cfg.final_softcap:  # training never chunks a soft-capped head (train.loss.chunkable_head)
@@ -247,7 +251,9 @@ def _phases(e: EstimateInput, b: _Bytes, P: _Params) -> tuple[dict[str, dict[str
         cast_head += P.adapters // b.ab * c
     loss = loss_bytes(e, b, full, N)
     logits = loss["kept"]
-    trans = block_backward_transient(cfg, batch, seq, r)
+    tile = e.mlp_tile if e.grad_ckpt else None  # the recomputed block's MLP runs in pieces of `tile` tokens
+    cut, cut_first = (tiled_mlp_saving(cfg, batch, seq, tile, r, x_grad) for x_grad in (True, full))
+    trans = block_backward_transient(cfg, batch, seq, r, tile)
     if full and b.autocast and b.wb != c:  # dW from the matmul in `c`, then its cast to the fp32 .grad
         trans += P.max_linear * c
     if b.qfmt and r.kernels:  # one Triton pass into the 16-bit weight; gate,up stacked (2 weights)
@@ -286,7 +292,7 @@ def _phases(e: EstimateInput, b: _Bytes, P: _Params) -> tuple[dict[str, dict[str
     ph["head_backward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=loss["head_backward"],
                                gradients=g_head, temporary=head_tmp + N * cfg.hidden_size * c)
     for k in (L - 1, 0):  # the last block (most activations held) and the first (most gradients)
-        recompute = (a_first if k == 0 else a_blk) if e.grad_ckpt else 0
+        recompute = (a_first - cut_first if k == 0 else a_blk - cut) if e.grad_ckpt else 0
         ph[f"block{k}_backward"] = dict(
             activations=held(k + 1) + recompute + shared, autocast_copies=cast_held(k + 1), logits_loss=logits,
             gradients=g_head + (L - k) * g_blk, temporary=trans)
@@ -296,7 +302,7 @@ def _phases(e: EstimateInput, b: _Bytes, P: _Params) -> tuple[dict[str, dict[str
     ph["optimizer_step"] = dict(activations=0, autocast_copies=0, logits_loss=0, gradients=P.grads_full, temporary=0)
     detail = dict(block_saved_bytes=a_blk, first_block_saved_bytes=a_first, block_saved_by_op=per_op,
                   shared_saved_bytes=shared, head_saved_bytes=head, gradients_full_bytes=P.grads_full,
-                  autocast_copies_forward_bytes=L * cast_blk + cast_head)
+                  autocast_copies_forward_bytes=L * cast_blk + cast_head, tiled_mlp_saving_bytes=cut)
     return ph, detail
 
 

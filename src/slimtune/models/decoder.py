@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from slimtune.errors import ConfigError
 from slimtune.models.attention import Attention
 from slimtune.models.cache import KVCache
 from slimtune.models.config import ModelConfig
 from slimtune.models.layers import MLP, ScaledEmbedding, make_norm
-from slimtune.models.recompute import HostPool, run_blocks
+from slimtune.models.recompute import MLP_TILE, HostPool, run_blocks
 from slimtune.models.rope import Rotary
 
 
@@ -95,7 +96,9 @@ class Decoder(nn.Module):
     """A causal language model: `model` (the backbone) and `lm_head` (tied to the embeddings if the config says so).
 
     `grad_ckpt`: False, True (recompute each block in backward) or "offload" (recompute, with the block inputs
-    waiting in pinned host memory); see `recompute.py`.
+    waiting in pinned host memory); see `recompute.py`. `mlp_tile`: under grad_ckpt, the MLPs of sequences longer
+    than this many tokens run in pieces of it (`layers.MLP.tile`); None: never. Setting either updates every block's
+    MLP (`mlp.tile` = mlp_tile when grad_ckpt is on, else None).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -105,10 +108,36 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.grad_ckpt: bool | str = False
+        self._grad_ckpt: bool | str = False
+        self._mlp_tile: int | None = MLP_TILE
         self._host_pool = HostPool()  # pinned buffers of offloaded block inputs, reused across steps
         self.kinds = sorted({cfg.layer_type(i) for i in range(cfg.num_hidden_layers)})
         self.reset_rope()
+
+    @property
+    def grad_ckpt(self) -> bool | str:
+        return self._grad_ckpt
+
+    @grad_ckpt.setter
+    def grad_ckpt(self, mode: bool | str) -> None:
+        self._grad_ckpt = mode
+        self._set_tiles()
+
+    @property
+    def mlp_tile(self) -> int | None:
+        return self._mlp_tile
+
+    @mlp_tile.setter
+    def mlp_tile(self, tokens: int | None) -> None:
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ConfigError(f"mlp_tile must be a positive number of tokens (or None: off), got {tokens!r}")
+        self._mlp_tile = tokens
+        self._set_tiles()
+
+    def _set_tiles(self) -> None:
+        tile = self._mlp_tile if self._grad_ckpt else None
+        for layer in self.model.layers:
+            layer.mlp.tile = tile
 
     # ---- positions and masks ------------------------------------------------------------------------------------
     def reset_rope(self) -> None:

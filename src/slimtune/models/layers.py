@@ -56,7 +56,15 @@ class ScaledEmbedding(nn.Embedding):
 
 class MLP(nn.Module):
     """Gated: down(act(gate(x)) * up(x)) (SwiGLU with silu, GeGLU with gelu_pytorch_tanh); `fused_proj` (Phi-3): one
-    gate_up_proj whose output's first half is the gate, second half the up projection; ungated (GPT): down(act(up(x)))."""
+    gate_up_proj whose output's first half is the gate, second half the up projection; ungated (GPT): down(act(up(x))).
+
+    `tile` (tokens; the decoder sets it under grad_ckpt): in training, a sequence longer than `tile` runs in pieces of
+    `tile` tokens, each under a non-reentrant checkpoint when grad is on, so that backward holds one piece's
+    (B, tile, f) intermediates instead of the sequence's (B, T, f); the MLP acts on each token alone, so the pieces'
+    outputs concatenated are the MLP's output. Cost: one more MLP forward per piece in backward.
+    """
+
+    tile: int | None = None
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -71,6 +79,30 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.tile is not None and self.training and x.shape[-2] > self.tile:
+            return self._tiled(x, self.tile)
+        return self._mlp(x)
+
+    def _tiled(self, x: Tensor, tile: int) -> Tensor:
+        """x (B, T, d) -> (B, T, d) in pieces x[:, i:i+tile]. With grad on, each piece is a checkpoint that keeps only
+        its input (a view of x) and recomputes its (B, tile, f) gate, up and product in backward, where the pieces'
+        backwards run one after the other (each piece's autograd nodes come after the previous piece's). Without grad
+        (the offloaded block's forward, which its backward recomputes with grad) the pieces run plainly, drawing the
+        RNG (LoRA dropout) piece by piece as the recompute will. Each piece's recompute replays the RNG state of its
+        forward, except while a CUDA graph is captured (the state cannot be read then; graphed steps run no dropout)."""
+        pieces = x.split(tile, dim=-2)  # views (B, <=tile, d)
+        if not torch.is_grad_enabled():
+            return torch.cat([self._piece(p) for p in pieces], dim=-2)
+        from torch.utils.checkpoint import checkpoint
+
+        keep_rng = not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        outs = [checkpoint(self._piece, p, use_reentrant=False, preserve_rng_state=keep_rng) for p in pieces]
+        return torch.cat(outs, dim=-2)  # (B, T, d); its backward hands each piece a view of dL/dy
+
+    def _piece(self, p: Tensor) -> Tensor:
+        return self._mlp(p.contiguous())  # a view of x is strided for B > 1: the kernels take contiguous rows
+
+    def _mlp(self, x: Tensor) -> Tensor:
         if hasattr(self, "gate_up_proj"):
             gate, up = project(x, [self.gate_up_proj])[0].chunk(2, dim=-1)  # (..., f) each
         elif hasattr(self, "gate_proj"):

@@ -18,7 +18,9 @@ import torch
 from torch import Tensor, nn
 
 CKPT_MODES = (False, True, "offload")
-
+# under checkpointing, the MLP of a sequence longer than this runs in pieces of this many tokens (`layers.MLP.tile`):
+# above the usual 2k-8k lengths, so those (and their CUDA-graphed steps) run as before
+MLP_TILE = 8192
 
 
 def copy_on_stream(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> torch.cuda.Event:

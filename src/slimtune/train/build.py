@@ -103,7 +103,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Prec
     if is_transformers_model(model):  # the fallback: transformers' own checkpointing
         set_grad_ckpt(model, cfg.grad_ckpt)
     else:
-        model.grad_ckpt = cfg.grad_ckpt
+        model.grad_ckpt, model.mlp_tile = cfg.grad_ckpt, cfg.mlp_tile or None
     return model.train(), prec, trainable_report(model, print_line=False)  # counts quantized weights too
 
 

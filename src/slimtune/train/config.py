@@ -15,7 +15,7 @@ from typing import Any
 
 from slimtune.errors import ConfigError
 from slimtune.kernels import MODES
-from slimtune.models.recompute import CKPT_MODES
+from slimtune.models.recompute import CKPT_MODES, MLP_TILE
 from slimtune.optim.build import OPTIMIZERS
 from slimtune.optim.schedules import SCHEDULES
 from slimtune.peft.base import DeclaredOption, declared_options
@@ -62,6 +62,7 @@ class TrainConfig:
     base_dtype: str = "auto"  # storage of the frozen weights: auto (16-bit under a 16-bit policy), fp32, bf16, fp16
     grad_ckpt: bool | str = False  # true: recompute each block in backward; offload: also keep the block inputs in
     # pinned host memory until their backward (the longest sequences)
+    mlp_tile: int = MLP_TILE  # grad_ckpt: the MLP of longer sequences runs in pieces of this many tokens; 0: off
     offload_activations: bool = False
     kernels: str | bool = "auto"  # fused GPU kernels: auto (on CUDA) or off (the PyTorch reference path, for debugging)
     chunked_loss: bool = True  # the loss from the hidden states in chunks of tokens: never the (B, T, V) logits
@@ -113,7 +114,7 @@ class TrainConfig:
             if getattr(self, key) < low:
                 raise ConfigError(f"{key} must be >= {low}, got {getattr(self, key)}")
         for key in ("warmup_steps", "eval_every", "save_every", "keep_last", "lr", "min_lr", "weight_decay",
-                    "max_grad_norm"):
+                    "max_grad_norm", "mlp_tile"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.warmup_ratio < 1:

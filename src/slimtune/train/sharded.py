@@ -172,7 +172,7 @@ def build_sharded(cfg: TrainConfig, prec: Precision, device: torch.device, mesh,
     agreed(lambda: _check_source(model, src, set(starts)), env.rank, env.world)
     quant = {path: m for path, m in model.named_modules() if isinstance(m, QuantLinear)}
     to_byte_params(model)
-    model.grad_ckpt = cfg.grad_ckpt
+    model.grad_ckpt, model.mlp_tile = cfg.grad_ckpt, cfg.mlp_tile or None
     wrap_fsdp(model, prec, mesh)
     model.to_empty(device=device)
     skip = {f"{path}.{k}" for path, m in quant.items() for k in m.byte_layout}
