@@ -195,6 +195,14 @@ def test_cuda_without_gpus_and_missing_nccl(model_dir, tmp_path, capsys, monkeyp
     with pytest.raises(ConfigError, match="needs NCCL, which this torch build lacks"):
         check_distributed(cfg, 2, 2)
     monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")  # the GPU image's: FSDP2 there cannot shard NF4 bytes
+    with pytest.raises(ConfigError, match="method=qlora on several processes needs torch >= 2.13"):
+        check_distributed(load_config(None, keys(model_dir, out, device="cuda", method="qlora")), 2, 2)
+    check_distributed(load_config(None, keys(model_dir, out, device="cuda", method="lora")), 2, 2)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
     with pytest.raises(ConfigError, match="3 processes per node but 2 GPU"):
         check_distributed(load_config(None, keys(model_dir, out, device="cuda", batch_size=3)), 3, 3)
     for bad, what in (({"method": "dora"}, "method=dora"), ({"use_dora": True}, "use_dora=True"),

@@ -69,6 +69,18 @@ def device_type(cfg: TrainConfig) -> str:
     return cfg.device
 
 
+# FSDP2 creates each shard as nn.Parameter(shard) and sets requires_grad afterwards in torch 2.11 (measured on the H200
+# image: "only Tensors of floating point dtype can require gradients" for the uint8 NF4 bytes, quant/shard.py); torch
+# 2.13's passes the parameter's own requires_grad. 2.12 not checked, so refused.
+QLORA_FSDP_TORCH = (2, 13)
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 def check_distributed(cfg: TrainConfig, world: int, local_world: int) -> str:
     """Refuse, in one line and before anything is loaded or written, what a run on `world` processes cannot do.
 
@@ -96,6 +108,10 @@ def check_distributed(cfg: TrainConfig, world: int, local_world: int) -> str:
         if refused:
             raise ConfigError(f"{key}={value} is not supported on several processes (torchrun) yet; fix: {key}="
                               f"{fix}, or run on one process")
+    if cfg.method == "qlora" and torch_version() < QLORA_FSDP_TORCH:
+        raise ConfigError(f"method=qlora on several processes needs torch >= {'.'.join(map(str, QLORA_FSDP_TORCH))} "
+                          f"(this is {torch.__version__}: its FSDP2 makes the packed 4-bit shards trainable, which "
+                          "integer tensors cannot be); fix: upgrade torch, or method=lora, or run on one process")
     kind = device_type(cfg)
     if not torch.distributed.is_available():
         raise ConfigError("this torch build has no torch.distributed; fix: install a torch build with it")
