@@ -82,6 +82,27 @@ def test_param_table_matches_decoder(shape):
     assert {p.name: p.shape for p in param_table(get_shape(shape))} == meta
 
 
+def test_cli_offloaded_checkpointing_and_the_mlp_tile(capsys):
+    """`--grad-ckpt offload` and `--mlp-tile` reach the estimator: the same figures as `estimate` called directly."""
+    import json
+
+    from slimtune.cli import main
+    from slimtune.memory.estimate import estimate
+    from slimtune.models.shapes import get_shape
+
+    def cli(*extra):
+        assert main(["memory", "--shape", "llama3-8b", "--method", "qlora", "--seq", "65536", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["total_bytes"]
+
+    cfg = get_shape("llama3-8b")
+    tiled = estimate(cfg, "qlora", batch=1, seq=65536, grad_ckpt="offload")["total_bytes"]
+    untiled = estimate(cfg, "qlora", batch=1, seq=65536, grad_ckpt="offload", mlp_tile=None)["total_bytes"]
+    assert tiled < untiled
+    assert cli("--grad-ckpt", "offload") == tiled
+    assert cli("--grad-ckpt", "offload", "--mlp-tile", "0") == untiled
+    assert cli("--grad-ckpt") == estimate(cfg, "qlora", batch=1, seq=65536, grad_ckpt=True)["total_bytes"]
+
+
 @pytest.mark.parametrize("precision,dtype,autocast", [("fp32", torch.float32, False),
                                                       ("bf16-true", torch.bfloat16, False),
                                                       ("bf16-mixed", torch.float32, True)])

@@ -36,7 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="rows per micro-batch on each GPU")
     p.add_argument("--gpus", type=int, default=1, help="FSDP2 over N GPUs (torchrun): the peak of one of them")
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--grad-ckpt", nargs="?", const=True, default=False, choices=["offload"],
+                   help="activation checkpointing per block; --grad-ckpt offload: block inputs in host memory")
+    p.add_argument("--mlp-tile", type=int, default=None,
+                   help="with checkpointing, the MLP of longer sequences runs in pieces of this many tokens "
+                        "(default: the decoder's, 8192; 0: off)")
     p.add_argument("--offload", default=None, help="activations | optimizer")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
@@ -57,20 +61,26 @@ def run(args: argparse.Namespace) -> int:
     from slimtune.errors import ConfigError
     from slimtune.memory.estimate import estimate
 
+    from slimtune.models.recompute import MLP_TILE
+
     if args.rank <= 0:
         raise ConfigError(f"--rank must be a positive integer, got {args.rank}")
+    if args.mlp_tile is not None and args.mlp_tile < 0:
+        raise ConfigError(f"--mlp-tile must be a number of tokens (0: off), got {args.mlp_tile}")
+    tile = MLP_TILE if args.mlp_tile is None else (args.mlp_tile or None)
     cfg = resolve_config(args)
     e = estimate(cfg, args.method, args.precision, args.optimizer, args.batch, args.seq, args.grad_ckpt,
                  offload=args.offload, lora_rank=args.rank, lora_targets=tuple(args.targets.split(",")),
                  weight_dtype=args.weight_dtype, grad_dtype=args.grad_dtype, optim_state_dtype=args.optim_state_dtype,
-                 attention=args.attention, generate=args.generate, context=args.context, gpus=args.gpus)
+                 attention=args.attention, generate=args.generate, context=args.context, gpus=args.gpus,
+                 mlp_tile=tile)
     if args.json:
         print(json.dumps(e))
         return 0
     what = "generation" if args.generate else f"{args.method}, {args.precision}, {args.optimizer}"
     where = f" per GPU of {args.gpus} (FSDP2)" if args.gpus > 1 else ""
     print(f"peak GPU memory{where}: {gib(e['total_bytes'])} ({what}, batch {args.batch} x seq {args.seq}"
-          f"{', checkpointing' if args.grad_ckpt else ''}{', offload ' + args.offload if args.offload else ''}); "
+          f"{', checkpointing' if args.grad_ckpt is True else ', offloaded checkpointing' if args.grad_ckpt else ''}{', offload ' + args.offload if args.offload else ''}); "
           f"peak during {e['peak_phase']}")
     for k in COMPONENTS:
         v = e.get(f"{k}_bytes", 0)

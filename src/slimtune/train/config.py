@@ -28,7 +28,8 @@ FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 RESUME_KEYS = ("model", "method", "method_args", "quant", "data", "data_format", "template", "train_on_prompt",
                "max_length", "packing", "precision", "base_dtype", "batch_size", "grad_accum", "lr", "min_lr",
                "warmup_steps", "warmup_ratio", "schedule", "weight_decay", "betas", "optimizer", "seed", "from_scratch",
-               "galore_rank", "galore_update_interval", "galore_scale", "stochastic_rounding")
+               "galore_rank", "galore_update_interval", "galore_scale", "stochastic_rounding",
+               "mlp_tile")  # (the tile sets where LoRA dropout draws its masks)
 
 
 
