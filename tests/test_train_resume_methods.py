@@ -5,6 +5,7 @@ The runner and helpers are those of tests/test_train_resume.py."""
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +21,8 @@ METHODS = {
 }
 
 
-def args(model_dir, out, case: str, **kw) -> list[str]:
-    base = dict(model=str(model_dir), data=str(sample_path()), data_limit=40, max_length=64, val_fraction=0.1,
+def args(model: Path, out: Path, case: str, **kw) -> list[str]:
+    base = dict(model=str(model), data=str(sample_path()), data_limit=40, max_length=64, val_fraction=0.1,
                 batch_size=4, grad_accum=2, max_steps=8, lr=5e-3, warmup_steps=2, save_every=2, keep_last=2,
                 eval_every=4, out_dir=str(out), progress=False, plot=False, save_final=False, seed=3)
     base.update(METHODS[case], **kw)
