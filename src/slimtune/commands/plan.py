@@ -7,6 +7,7 @@ import json
 from slimtune.commands.memory import add_model_arguments, gib, resolve_config
 
 HELP = "recommend the fastest fine-tuning setting that fits a GPU memory budget"
+CKPT_NAMES = {False: "no", True: "yes", "offload": "offload"}  # grad_ckpt values as the table shows them
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,9 +31,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"gpu_memory_bytes": budget, "rows": rows}))
         return 0
     print(f"budget {gib(budget)}; * = fastest that fits (speed model: slimtune.memory.plan)")
-    print(f"  {'method':<7}{'ckpt':<6}{'offload':<13}{'seq':>6}{'batch':>7}{'max seq':>9}{'peak':>12}{'tok/s':>9}")
+    print(f"  {'method':<7}{'ckpt':<8}{'offload':<13}{'seq':>6}{'batch':>7}{'max seq':>9}{'peak':>12}{'tok/s':>9}")
     for r in rows:
-        head = f"{'*' if r['fastest'] else ' '} {r['method']:<7}{'yes' if r['grad_ckpt'] else 'no':<6}" \
+        head = f"{'*' if r['fastest'] else ' '} {r['method']:<7}{CKPT_NAMES[r['grad_ckpt']]:<8}" \
                f"{r['offload'] or '-':<13}{r['seq']:>6}"
         if r["fits"]:
             print(f"{head}{r['max_batch']:>7}{r['max_seq_at_batch1']:>9}{gib(r['peak_bytes']):>12}"
