@@ -271,3 +271,13 @@ def test_lora_saved_activations_on_the_kernels_path(precision, dtype, autocast, 
     e = estimate(m.config, "lora", precision, "adamw", B, T, ckpt, lora_rank=8, lora_targets=targets,
                  chunked_loss=False, device="cpu", kernels=True)
     assert act == _predicted_saved(e, m.config, ckpt, dtype.itemsize)
+
+
+def test_plan_table_names_offloaded_checkpointing(capsys):
+    """A grad_ckpt=offload row reads 'offload' in the ckpt column, not 'yes' (two rows looked alike before)."""
+    from slimtune.cli import main
+
+    assert main(["plan", "--shape", "llama3-8b", "--gpu-memory", "16GiB", "--seq", "2048"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    ckpt = {r[1] if r[0] != "*" else r[2] for r in rows if r}
+    assert {"no", "yes", "offload"} <= ckpt
