@@ -218,7 +218,8 @@ def block_backward_transient(cfg: ModelConfig, batch: int, seq: int, r: Regime, 
     MLP: dL/dm (N, f) exists while dL/d(act) and dL/du (N, f) are formed, and m is already freed: + 2 N f; with the
     tiled MLP (`tile` tokens per piece, seq > tile) those are one piece's, batch * tile rows.
     Attention (flash backward): dq, dk, dv plus an fp32 dq accumulator (N, q) and, with grouped heads, dk/dv expanded
-    to all heads (N, q) each before the reduction. Both also hold dL/dx (N, d).
+    to all heads (N, q) each before the reduction, less what the MLP half's backward has freed by then (returned
+    relative to the block's saved tensors, so a negative attention term never counts). Both also hold dL/dx (N, d).
     """
     d, f, qd, kvd, _ = _dims(cfg)
     N, c = batch * seq, r.compute
@@ -229,7 +230,11 @@ def block_backward_transient(cfg: ModelConfig, batch: int, seq: int, r: Regime, 
         attn += 2 * N * qd * c
     if r.attention == "math" or cfg.attn_softcap:  # soft-capped attention always runs the math path
         attn += 2 * batch * cfg.num_attention_heads * seq * seq * c
-    return max(mlp, attn) + N * d * c
+    # attention's backward runs after the MLP half's, whose nodes have freed what they saved: at least the MLP's (N, d)
+    # input and the second norm's input and 1/rms (the (N, f) ones too, which only the untiled MLP still holds, and
+    # there the MLP's moment is the larger one anyway)
+    freed = N * d * (r.resid + r.norm_out) + N * 4
+    return max(mlp, attn - freed) + N * d * c
 
 
 def tiled_mlp_saving(cfg: ModelConfig, batch: int, seq: int, tile: int | None, r: Regime,
