@@ -281,3 +281,33 @@ def test_plan_table_names_offloaded_checkpointing(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     ckpt = {r[1] if r[0] != "*" else r[2] for r in rows if r}
     assert {"no", "yes", "offload"} <= ckpt
+
+
+# Peaks measured on one H200 (torch.cuda.max_memory_allocated, GiB), Llama-3-8B shape, bf16-mixed, AdamW, LoRA r=16
+# on the 7 projections; the runs and commands are in benchmarks/memory.md (vs_unsloth, long_context, fsdp_8b).
+H200_PEAKS = [
+    (dict(method="qlora", batch=1, seq=2048, grad_ckpt=True), 6.89),
+    (dict(method="qlora", batch=4, seq=2048, grad_ckpt=True), 9.56),
+    (dict(method="qlora", batch=4, seq=2048, grad_ckpt=False), 45.01),
+    (dict(method="lora", batch=1, seq=2048, grad_ckpt=True), 16.47),
+    (dict(method="qlora", batch=1, seq=2048, grad_ckpt=True, kernels=False, chunked_loss=False), 9.31),
+    (dict(method="qlora", batch=1, seq=32768, grad_ckpt="offload", mlp_tile=None), 13.02),
+    (dict(method="qlora", batch=1, seq=65536, grad_ckpt="offload", mlp_tile=None), 20.67),
+    (dict(method="qlora", batch=1, seq=131072, grad_ckpt="offload", mlp_tile=None), 35.34),
+    (dict(method="qlora", batch=1, seq=32768, grad_ckpt="offload"), 10.24),
+    (dict(method="qlora", batch=1, seq=65536, grad_ckpt="offload"), 13.86),
+    (dict(method="qlora", batch=1, seq=73728, grad_ckpt="offload"), 15.19),
+    (dict(method="qlora", batch=1, seq=77824, grad_ckpt="offload"), 15.70),
+    (dict(method="lora", batch=1, seq=2048, grad_ckpt=True, chunked_loss=False), 19.10),
+    (dict(method="lora", batch=1, seq=2048, grad_ckpt=True, chunked_loss=False, gpus=2), 11.23),
+]
+
+
+@pytest.mark.parametrize("kw,measured", H200_PEAKS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items())
+                         if isinstance(v, dict) else str(v))
+def test_predictions_against_the_h200_peaks(kw, measured):
+    from slimtune.memory.estimate import estimate
+    from slimtune.models.shapes import get_shape
+
+    predicted = estimate(get_shape("llama3-8b"), **kw)["total_bytes"] / 2**30
+    assert abs(predicted / measured - 1) < 0.05, (predicted, measured)
