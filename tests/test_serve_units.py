@@ -226,3 +226,23 @@ def test_a_request_whose_adapter_was_unloaded_while_it_waited_gets_404(tmp_path)
 def test_buckets():
     assert [bucket(n, 100) for n in (1, 2, 3, 4, 5, 7, 9, 13, 17, 33)] == [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]
     assert bucket(300, 256) == 256
+
+
+def test_dynamic_ntk_models_serve_without_cuda_graphs():
+    """Dynamic NTK RoPE picks its frequencies from the longest position, a value read on the host, which a CUDA graph
+    cannot capture: `--cuda-graphs on` is refused in one line, `auto` serves without graphs."""
+    from slimtune.models.rope import host_read
+    from slimtune.serve.build import ServeOptions, start
+
+    model, tok = builtin_model(0), builtin_tokenizer()
+    assert not host_read(model.config)
+    model.config.rope_scaling = {"rope_type": "dynamic", "factor": 2.0}
+    model.reset_rope()
+    assert host_read(model.config)
+    with pytest.raises(ConfigError, match="--cuda-graphs on: this model's dynamic NTK RoPE"):
+        start(model, tok, ServeOptions("builtin", max_batch=2, max_len=64, cuda_graphs="on"), None)
+    served = start(model, tok, ServeOptions("builtin", max_batch=2, max_len=64, cuda_graphs="auto"), None)
+    try:
+        assert served.engine.runner.cuda_graphs is False
+    finally:
+        served.engine.stop()

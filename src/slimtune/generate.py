@@ -19,6 +19,7 @@ from torch import Tensor
 from slimtune.errors import SlimtuneError
 from slimtune.models.cache import KVCache
 from slimtune.models.fallback import is_transformers_model
+from slimtune.models.rope import host_read
 from slimtune.peft.prompt import active_prompt, virtual_tokens
 
 
@@ -216,7 +217,7 @@ def _generate(model, input_ids: Tensor, attention_mask: Tensor | None, sc: Sampl
                             "damaged or overflow in this dtype; fix: --dtype fp32, or a good checkpoint")
     T = am.shape[1]  # positions filled: virtual tokens or prefix, then the prompts
     if cuda_graph is None:  # dynamic NTK RoPE reads the longest position on the host: no graph
-        cuda_graph = input_ids.is_cuda and (cfg.rope_scaling or {}).get("rope_type") != "dynamic"
+        cuda_graph = input_ids.is_cuda and not host_read(cfg)
     graph = GraphStep(model, cache) if cuda_graph else None
     slots = torch.zeros(B, T + sc.max_new_tokens, dtype=torch.long, device=input_ids.device)
     slots[:, :T] = am

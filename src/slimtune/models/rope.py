@@ -99,6 +99,12 @@ def rope_attention_factor(cfg: ModelConfig, local: bool = False) -> float:
     return mscale(1.0)
 
 
+def host_read(cfg) -> bool:
+    """Whether computing cos / sin reads a value back to the host (dynamic NTK: the longest position picks the
+    frequencies), which a CUDA graph cannot capture: such models decode and train without graphs."""
+    return rope_type(getattr(cfg, "rope_scaling", None)) == "dynamic"
+
+
 class Rotary:
     """cos and sin of one RoPE variant for integer positions; the inverse frequencies are kept in fp32 (CPU master,
     a copy per device). LongRoPE (Phi-3) switches from short to long factors once the largest position reaches the

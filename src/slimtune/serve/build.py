@@ -10,6 +10,7 @@ import torch
 
 from slimtune.errors import ConfigError
 from slimtune.generate import longrope_refill_length
+from slimtune.models.rope import host_read
 from slimtune.serve.cache import PagedKVCache, pages_for
 from slimtune.serve.engine import Engine
 from slimtune.serve.lora import AdapterBank, read_lora
@@ -146,7 +147,11 @@ def start(model, tokenizer, opts: ServeOptions, bank: AdapterBank | None, skelet
     kv = _kv_tokens(opts, max_len, per_token, device)
     cache = PagedKVCache(cfg, pages_for(kv, opts.page_size) + 1, opts.page_size, opts.max_batch, max_len, device,
                          dtype)
-    graphs = opts.cuda_graphs == "on" or (opts.cuda_graphs == "auto" and device.startswith("cuda"))
+    if opts.cuda_graphs == "on" and host_read(cfg):
+        raise ConfigError("--cuda-graphs on: this model's dynamic NTK RoPE reads the longest position on the host, "
+                          "which a CUDA graph cannot capture; fix: --cuda-graphs auto (decodes without graphs)")
+    graphs = (opts.cuda_graphs == "on" or (opts.cuda_graphs == "auto" and device.startswith("cuda"))) and \
+        not host_read(cfg)
     engine = Engine(model, tokenizer, cache, bank, opts.max_queue, graphs, max_prefill_tokens=opts.max_prefill_tokens)
     log.info("KV cache: %d pages of %d tokens (%.2f GiB); max batch %d, max length %d, CUDA graphs %s",
              cache.pool.num_pages - 1, opts.page_size, kv * per_token / 2**30, opts.max_batch, max_len, graphs)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from slimtune.models.fallback import is_transformers_model
+from slimtune.models.rope import host_read
 from slimtune.precision.policy import Precision
 from slimtune.train.step import TrainingError, batch_loss, predicted_tokens, train_step
 
@@ -46,7 +47,7 @@ def supported(model: nn.Module, optimizer, scaler, device: torch.device, offload
         return "transformers' own implementation (the fallback)"
     if any(getattr(m, "s2_group", None) for m in model.modules()):
         return "S^2-Attn (LongLoRA): not yet checked under capture"
-    if (getattr(getattr(model, "config", None), "rope_scaling", None) or {}).get("rope_type") == "dynamic":
+    if host_read(getattr(model, "config", None)):
         return "dynamic NTK RoPE reads the longest position on the host"
     return None
 
