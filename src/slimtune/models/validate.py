@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from slimtune.errors import CheckpointError
-from slimtune.precision.formats import DTYPES, FLOAT_NAMES, short_name
+from slimtune.precision.formats import float_named
 
 REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
@@ -70,8 +70,7 @@ def check_hf_config(d: Any, source: str) -> None:
             raise bad(k, "is not a token id (a non-negative integer, or a list of them for eos_token_id)")
     for k in ("torch_dtype", "dtype"):
         v = d.get(k)
-        dt = DTYPES.get(v.removeprefix("torch.")) if isinstance(v, str) else None
-        if v not in (None, "auto") and (dt is None or short_name(dt) not in FLOAT_NAMES):
+        if v not in (None, "auto") and (not isinstance(v, str) or float_named(v) is None):
             raise bad(k, "is not a float type of stored weights (float32, bfloat16 or float16)")
     if not isinstance(d.get("tie_word_embeddings", False), bool):
         raise bad("tie_word_embeddings", "is not true or false")

@@ -47,11 +47,16 @@ def parse_dtype(d: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[key]
 
 
-def declared_float(name: object) -> torch.dtype:
-    """The storage dtype a config.json's `dtype` / `torch_dtype` names: fp32, bf16 or fp16, and float32 for anything
-    else (a file's string is only looked up in `DTYPES`, never on torch)."""
+def float_named(name: object) -> torch.dtype | None:
+    """The storage dtype (fp32, bf16 or fp16) a name read from a file means, else None; the string is only looked up
+    in `DTYPES`, never as an attribute of torch."""
     dt = DTYPES.get(str(name).lower().removeprefix("torch."))
-    return dt if dt is not None and short_name(dt) in FLOAT_NAMES else torch.float32
+    return dt if dt is not None and short_name(dt) in FLOAT_NAMES else None
+
+
+def declared_float(name: object) -> torch.dtype:
+    """The storage dtype a config.json's `dtype` / `torch_dtype` names (`float_named`), float32 for anything else."""
+    return float_named(name) or torch.float32
 
 
 def short_name(dtype: torch.dtype) -> str:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.errors import CheckpointError
-from slimtune.precision.formats import DTYPES
+from slimtune.precision.formats import float_named
 from slimtune.quant.codecs.base import GroupedCodec
 from slimtune.quant.codecs.fourbit import (FORMATS_4BIT, Quant4bit, check_block, code_table, dequantize_4bit,
                                            dequantize_4bit_into, dynamic_map, quantize_4bit)
@@ -47,8 +47,7 @@ def quant_state_meta(t: Tensor, key: str = "quant_state") -> dict:
         if meta["quant_type"] not in FORMATS_4BIT:
             raise ValueError(f"quant_type {meta['quant_type']!r}")
         int(meta["blocksize"]), torch.Size(meta["shape"])
-        # the dtype name comes from a file: looked up in slimtune's table, never as an attribute of the torch module
-        if not DTYPES[str(meta["dtype"]).removeprefix("torch.")].is_floating_point:
+        if float_named(meta["dtype"]) is None:  # (a name from a file: looked up in slimtune's table only)
             raise ValueError(f"dtype {meta['dtype']!r} is not a float type")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{key}: not a bitsandbytes 4-bit quant state ({e}); the checkpoint is damaged") \
@@ -70,7 +69,7 @@ def from_bnb_state_dict(sd: dict[str, Tensor], prefix: str = "") -> Quant4bit:
     meta = quant_state_meta(sd[key], key)
     fmt = meta["quant_type"]
     q = Quant4bit(sd[f"{prefix}weight"].view(torch.uint8).reshape(-1, 1), sd[f"{prefix}weight.absmax"],
-                  torch.Size(meta["shape"]), DTYPES[str(meta["dtype"]).removeprefix("torch.")], fmt,
+                  torch.Size(meta["shape"]), float_named(meta["dtype"]), fmt,
                   int(meta["blocksize"]))
     if "nested_offset" in meta:
         nk = f"{prefix}weight.nested_absmax"
