@@ -194,7 +194,8 @@ def find_checkpoint(out_dir: str | Path, resume: str) -> Path | None:
 
 def read_state(path: str | Path) -> dict[str, Any]:
     """The checked state.json of checkpoint folder `path`: an object with the step, the data position, the
-    optimizer index, the RNG states and the run's config, each of the right type.
+    optimizer index, the RNG states and the run's config, each of the right type (a sharded checkpoint's, which has a
+    `layout` and keeps its optimizer index and RNG states elsewhere: the step, the data position and the config).
 
     Raises:
         CheckpointError: a missing, truncated, non-UTF-8 or malformed state.json (naming the key at fault).
@@ -202,13 +203,16 @@ def read_state(path: str | Path) -> dict[str, Any]:
     f = Path(path) / "state.json"
     fix = "resume from an earlier checkpoint (resume=OUT/checkpoints/step-N) or start in a new out_dir"
     state = read_json(f, fix=fix)
-    want = {"step": int, "data": dict, "optimizer": dict, "rng": dict, "config": dict}
+    sharded = "layout" in state  # (train.dist_checkpoint)
+    want = {"step": int, "data": dict, "config": dict} if sharded else \
+        {"step": int, "data": dict, "optimizer": dict, "rng": dict, "config": dict}
     parts = [("", k, state.get(k), t) for k, t in want.items()]
     parts += [("data.", k, (state.get("data") or {}).get(k), int) for k in ("epoch", "index", "seed", "size",
                                                                          "batch_size")]
-    parts += [("optimizer.", k, (state.get("optimizer") or {}).get(k), t) for k, t in (("state", dict),
-                                                                                      ("param_groups", list))]
-    parts += [("rng.", k, (state.get("rng") or {}).get(k), list) for k in ("python", "numpy")]
+    if not sharded:
+        parts += [("optimizer.", k, (state.get("optimizer") or {}).get(k), t) for k, t in (("state", dict),
+                                                                                          ("param_groups", list))]
+        parts += [("rng.", k, (state.get("rng") or {}).get(k), list) for k in ("python", "numpy")]
     for prefix, k, v, t in parts:
         if not isinstance(v, t) or isinstance(v, bool) or (t is int and v < 0):
             raise CheckpointError(f"{f}: {prefix}{k} is missing or not a{'n' if t is int else ''} "

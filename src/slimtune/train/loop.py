@@ -18,7 +18,6 @@ from torch import nn
 
 from slimtune import kernels
 from slimtune.errors import ConfigError, PrecisionError, StorageError
-from slimtune.io.jsonfile import read_json
 from slimtune.models.fallback import fallback_note
 from slimtune.optim.schedules import lr_at, total_steps, warmup_count
 from slimtune.train.build import build_data, build_model, build_optimizer, pick_device, predict_memory
@@ -136,10 +135,8 @@ class Run:
         if ckpt is None:
             self.log(f"resume=latest: no checkpoint in {self.out / 'checkpoints'} yet; starting from step 0")
             return
-        saved = read_json(ckpt / "state.json")
-        if saved.get("layout") != "dcp":  # a one-process checkpoint: its state.json checked field by field
-            saved = read_state(ckpt)
-        check_resume(saved.get("config", {}), self.cfg, ckpt)
+        saved = read_state(ckpt)
+        check_resume(saved["config"], self.cfg, ckpt)
         state = self.load(ckpt, saved)
         saved, now = state.get("numerics") or {}, numerics_env(self.device)
         diff = [k for k in now if k in saved and saved[k] != now[k]]
@@ -165,7 +162,7 @@ class Run:
     def load(self, ckpt: Path, saved: dict[str, Any]) -> dict[str, Any]:
         """Restore from checkpoint folder `ckpt` (whose state.json is `saved`): one written by one process, or a
         sharded one (`dist_checkpoint`, from any number of processes)."""
-        if saved.get("layout") == "dcp":
+        if "layout" in saved:  # sharded (train.dist_checkpoint)
             from slimtune.train.dist_checkpoint import load_sharded
 
             return load_sharded(ckpt, self.model, self.optimizer, device=self.device)
