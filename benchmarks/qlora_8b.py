@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--ckpt", choices=["true", "offload", "false"], default="true")
+    ap.add_argument("--ckpt-blocks", type=int, default=None, help="checkpoint only the first N blocks (default all)")
+    ap.add_argument("--host-embedding", action="store_true", help="the embedding table in pinned host memory")
     ap.add_argument("--kernels", choices=["auto", "off"], default="auto")
     ap.add_argument("--graph", choices=["auto", "off"], default="auto", help="replay steps as a CUDA graph")
     ap.add_argument("--loss", choices=["chunked", "full"], default="chunked")
@@ -118,6 +120,7 @@ def main() -> None:
     a = ap.parse_args()
     os.environ["SLIMTUNE_KERNELS"] = a.kernels
 
+    from slimtune.models.host_embed import keep_embedding_on_host
     from slimtune.models.load import load_model
     from slimtune.models.shapes import get_shape
     from slimtune.peft import apply_method, freeze_base
@@ -147,6 +150,11 @@ def main() -> None:
     freeze_base(model)
     apply_precision(model, prec)  # LoRA fp32, frozen non-quantized weights (embeddings, norms, head) stay bf16
     model.grad_ckpt = {"true": True, "false": False, "offload": "offload"}[a.ckpt]
+    model.ckpt_blocks = a.ckpt_blocks
+    if a.host_embedding:
+        keep_embedding_on_host(model)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, "adamw", lr=1e-4)  # fused and capturable on CUDA, as the training loop builds it
@@ -184,7 +192,7 @@ def main() -> None:
     tok_s = a.batch * seq * a.steps / dt
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     res = dict(stack="slimtune", shape=a.shape, mode=a.mode, seq=seq, batch=a.batch, rank=a.rank, grad_ckpt=a.ckpt,
-               kernels=a.kernels, graph=graphed is not None, loss=a.loss, tokens_per_s=round(tok_s, 1), step_s=round(dt / a.steps, 4),
+               ckpt_blocks=a.ckpt_blocks, host_embedding=a.host_embedding, kernels=a.kernels, graph=graphed is not None, loss=a.loss, tokens_per_s=round(tok_s, 1), step_s=round(dt / a.steps, 4),
                peak_gib=None if peak is None else round(peak, 2),
                mfu=round(tok_s * flops_tok / 989e12, 4) if dev.type == "cuda" else None,
                trainable=sum(p.numel() for p in params), load_s=round(load_s, 1),

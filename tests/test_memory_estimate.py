@@ -300,6 +300,12 @@ H200_PEAKS = [
     (dict(method="qlora", batch=1, seq=77824, grad_ckpt="offload"), 15.70),
     (dict(method="lora", batch=1, seq=2048, grad_ckpt=True, chunked_loss=False), 19.10),
     (dict(method="lora", batch=1, seq=2048, grad_ckpt=True, chunked_loss=False, gpus=2), 11.23),
+    # second session (runs/2026-11-30-vs_unsloth-levers.jsonl), predicted before the call
+    (dict(method="qlora", batch=1, seq=2048, grad_ckpt=True, ckpt_blocks=24), 8.97),
+    (dict(method="qlora", batch=1, seq=2048, grad_ckpt="offload", host_embedding=True), 5.55),
+    (dict(method="qlora", batch=4, seq=2048, grad_ckpt=True, ckpt_blocks=16), 26.74),
+    (dict(method="lora", batch=1, seq=2048, grad_ckpt=True, ckpt_blocks=22), 19.20),
+    (dict(method="lora", batch=1, seq=2048, grad_ckpt=False), 25.53),
 ]
 
 

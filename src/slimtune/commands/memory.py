@@ -41,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlp-tile", type=int, default=None,
                    help="with checkpointing, the MLP of longer sequences runs in pieces of this many tokens "
                         "(default: the decoder's, 8192; 0: off)")
+    p.add_argument("--ckpt-blocks", type=int, default=None,
+                   help="with checkpointing, checkpoint only the first N blocks (default: all)")
+    p.add_argument("--host-embedding", action="store_true",
+                   help="the token embedding table in pinned host memory (train key host_embedding)")
     p.add_argument("--offload", default=None, help="activations | optimizer")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                  offload=args.offload, lora_rank=args.rank, lora_targets=tuple(args.targets.split(",")),
                  weight_dtype=args.weight_dtype, grad_dtype=args.grad_dtype, optim_state_dtype=args.optim_state_dtype,
                  attention=args.attention, generate=args.generate, context=args.context, gpus=args.gpus,
-                 mlp_tile=tile)
+                 mlp_tile=tile, ckpt_blocks=args.ckpt_blocks, host_embedding=args.host_embedding)
     if args.json:
         print(json.dumps(e))
         return 0

@@ -30,10 +30,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"gpu_memory_bytes": budget, "rows": rows}))
         return 0
-    print(f"budget {gib(budget)}; * = fastest that fits (speed model: slimtune.memory.plan)")
+    print(f"budget {gib(budget)}; * = fastest that fits (speed model: slimtune.memory.plan); 'N blk': checkpoint "
+          "only the first N blocks (train key ckpt_blocks=N)")
     print(f"  {'method':<7}{'ckpt':<8}{'offload':<13}{'seq':>6}{'batch':>7}{'max seq':>9}{'peak':>12}{'tok/s':>9}")
     for r in rows:
-        head = f"{'*' if r['fastest'] else ' '} {r['method']:<7}{CKPT_NAMES[r['grad_ckpt']]:<8}" \
+        ck = CKPT_NAMES[r["grad_ckpt"]] if r.get("ckpt_blocks") is None else f"{r['ckpt_blocks']} blk"  # partial
+        head = f"{'*' if r['fastest'] else ' '} {r['method']:<7}{ck:<8}" \
                f"{r['offload'] or '-':<13}{r['seq']:>6}"
         if r["fits"]:
             print(f"{head}{r['max_batch']:>7}{r['max_seq_at_batch1']:>9}{gib(r['peak_bytes']):>12}"

@@ -97,4 +97,5 @@ def collate_padded(input_ids: list[Tensor], labels: list[Tensor], pad_id: int,
 
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The keyword arguments of `Decoder.forward` in a batch (everything but labels): `model(**model_inputs(b))`."""
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "seq_ids")}
+    keys = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "seq_ids")  # rows looked up on the host
+    return {k: v for k, v in batch.items() if k in keys}  # (models.host_embed) come as inputs_embeds

@@ -47,7 +47,8 @@ class EstimateInput:
     of logits at a time, never the (B, S, V) logits. gpus: FSDP2 over this many GPUs (`memory/fsdp.py`): the peak of
     one of them; `batch` is then the rows each GPU runs, and the loss is taken from the full logits (as FSDP2 runs
     take it). mlp_tile: with grad_ckpt, the MLP of a longer sequence runs in pieces of this many tokens (the
-    decoder's `mlp_tile`; None: untiled)."""
+    decoder's `mlp_tile`; None: untiled). ckpt_blocks: with grad_ckpt, only the first this many blocks are
+    checkpointed (None: all). host_embedding: the (untied) token embedding table stays in host memory."""
 
     cfg: ModelConfig
     method: str = "lora"
@@ -80,6 +81,8 @@ class EstimateInput:
     loss_chunk: int | None = None  # rows per chunk; None: kernels.cross_entropy.default_chunk(vocab)
     gpus: int = 1  # FSDP2 over this many GPUs: the peak of one of them (whose loss is never chunked)
     mlp_tile: int | None = MLP_TILE  # tokens per MLP piece in the recomputed blocks (grad_ckpt only)
+    ckpt_blocks: int | None = None  # grad_ckpt: checkpoint the first N blocks only (None: all)
+    host_embedding: bool = False  # the token embedding table in pinned host memory (not on the GPU)
 
     def validate(self) -> None:
         """Raises ConfigError on an unknown method / precision / optimizer / offload or a non-positive size."""
@@ -94,6 +97,11 @@ class EstimateInput:
                               "see slimtune.optim.galore); use optimizer=adamw for an upper bound")
         if self.offload not in OFFLOADS:
             raise ConfigError(f"unknown offload {self.offload!r}; choose activations or optimizer")
+        if self.ckpt_blocks is not None and (isinstance(self.ckpt_blocks, bool) or self.ckpt_blocks < 0):
+            raise ConfigError(f"ckpt_blocks must be a number of blocks >= 0, got {self.ckpt_blocks!r}")
+        if self.host_embedding and (self.cfg.tie_word_embeddings or self.method == "full"):
+            raise ConfigError("host_embedding needs a frozen embedding not tied to the head (not full fine-tuning, "
+                              "not tie_word_embeddings)")
         tile = () if self.mlp_tile is None else (("mlp_tile", self.mlp_tile),)
         for name, v in (("batch", self.batch), ("seq", self.seq), ("gpus", self.gpus)) + tile:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -208,7 +216,7 @@ def _parameters(e: EstimateInput, b: _Bytes) -> _Params:
         if codec and p.kind == "linear" and e.params_override is None:
             weights += codec.nbytes(p.shape[0], p.shape[1], e.quant_group, e.double_quant)
             quant_tables += codec.table_bytes(e.double_quant)
-        else:
+        elif not (e.host_embedding and p.name == "model.embed_tokens.weight"):  # a host table: no GPU memory
             weights += p.numel * b.wb
         if e.method == "full":
             trainable.append((p.numel, b.wb))
@@ -224,6 +232,16 @@ def _parameters(e: EstimateInput, b: _Bytes) -> _Params:
         host = optim + sum(n * 4 for n, _ in trainable) + grads_full
         optim = 0
     return _Params(table, targets, trainable, weights, quant_tables, adapters, grads_full, optim, host, max_linear)
+
+
+def _weight_transient(b: _Bytes, P: _Params, kernels: bool, full: bool) -> int:
+    """Bytes of one weight's transient in a block's backward: dequantized or cast copies, a cast weight gradient."""
+    t = P.max_linear * b.c if full and b.autocast and b.wb != b.c else 0  # dW in `c`, then cast to the fp32 .grad
+    if b.qfmt and kernels:  # one Triton pass into the 16-bit weight; gate,up stacked (2 weights)
+        t += 4 * P.max_linear
+    elif b.qfmt:  # dequantize: int32 indices (2 B/weight) + fp32 values (4 B/weight), then the 16-bit weight
+        t += 6 * P.max_linear
+    return t
 
 
 def _phases(e: EstimateInput, b: _Bytes, P: _Params) -> tuple[dict[str, dict[str, int]], dict[str, Any]]:
@@ -253,13 +271,8 @@ def _phases(e: EstimateInput, b: _Bytes, P: _Params) -> tuple[dict[str, dict[str
     logits = loss["kept"]
     tile = e.mlp_tile if e.grad_ckpt else None  # the recomputed block's MLP runs in pieces of `tile` tokens
     cut, cut_first = (tiled_mlp_saving(cfg, batch, seq, tile, r, x_grad) for x_grad in (True, full))
-    trans = block_backward_transient(cfg, batch, seq, r, tile)
-    if full and b.autocast and b.wb != c:  # dW from the matmul in `c`, then its cast to the fp32 .grad
-        trans += P.max_linear * c
-    if b.qfmt and r.kernels:  # one Triton pass into the 16-bit weight; gate,up stacked (2 weights)
-        trans += 4 * P.max_linear
-    elif b.qfmt:  # dequantize: int32 indices (2 B/weight) + fp32 values (4 B/weight), then the 16-bit weight
-        trans += 6 * P.max_linear
+    extra = _weight_transient(b, P, r.kernels, full)
+    trans = {t: block_backward_transient(cfg, batch, seq, r, t) + extra for t in {tile, None}}
     gb = dtype_bytes(e.grad_dtype, "grad dtype") if e.grad_dtype else None
     owners = _owners(P.table, e.method, P.targets)
     g_blk = sum(n * (gb or s) for (n, s), o in zip(P.trainable, owners) if o == 0)
@@ -267,22 +280,23 @@ def _phases(e: EstimateInput, b: _Bytes, P: _Params) -> tuple[dict[str, dict[str
     g_embed = P.grads_full - g_blk * L - g_head if full else 0
     if cfg.tie_word_embeddings and full:  # the shared matrix's .grad appears at lm_head's backward
         g_head += g_embed  # (g_embed stays: the embedding's own contribution is added at the end, a transient)
-    if e.grad_ckpt == "offload":  # block inputs wait on the host: the one in flight and the one prefetched
-        held = lambda k: min(k, 2) * N * cfg.hidden_size * b.wb  # noqa: E731
-    elif e.offload == "activations" and not e.grad_ckpt:
+    # blocks 0..n_ck-1 are checkpointed (their inputs kept, on the host under offload), the later ones keep all
+    n_ck = (L if e.ckpt_blocks is None else min(e.ckpt_blocks, L)) if e.grad_ckpt else 0
+    x_in = N * cfg.hidden_size * b.wb
+    kept = (lambda m: min(m, 2) * x_in) if e.grad_ckpt == "offload" else (lambda m: m * x_in)  # noqa: E731
+    if e.offload == "activations" and not e.grad_ckpt:
         held = lambda k: min(k, 2) * a_blk  # noqa: E731  the block in flight to / from host and the next one
-    elif e.grad_ckpt:
-        held = lambda k: k * N * cfg.hidden_size * b.wb  # noqa: E731  block inputs kept by the checkpoints
-    else:
-        held = lambda k: a_first + (k - 1) * a_blk if k else 0  # noqa: E731
-    # in backward, casts are held for the blocks not yet processed; with checkpointing only the recomputed one's
-    cast_held = (lambda k: cast_blk) if e.grad_ckpt else (lambda k: k * cast_blk)  # noqa: E731
+    else:  # k blocks wait for their backward: the checkpointed ones' inputs, the others' saved tensors
+        held = lambda k: kept(min(k, n_ck)) + (  # noqa: E731
+            (a_first if n_ck == 0 else a_blk) + (k - n_ck - 1) * a_blk if k > n_ck else 0)
+    # in backward, casts are held for the plain blocks not yet processed; with checkpointing only the recomputed one's
+    cast_held = lambda k: (k - n_ck) * cast_blk if k > n_ck else cast_blk  # noqa: E731
 
     ph: dict[str, dict[str, int]] = {}
     fwd_act = held(L) + shared + head
     ph["forward_end"] = dict(activations=fwd_act, autocast_copies=L * cast_blk + cast_head,
                              logits_loss=loss["forward_end"], gradients=0, temporary=0)
-    bwd_cast = (0 if e.grad_ckpt else L * cast_blk) + cast_head  # autocast's cache is gone; the graph's copies stay
+    bwd_cast = (L - n_ck) * cast_blk + cast_head  # autocast's cache is gone; the graph's copies stay
     in_loss = g_head if e.chunked_loss else 0  # the chunked loss forms the head's gradient in its forward
     ph["loss_forward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=loss["loss_forward"],
                               gradients=in_loss, temporary=0)
@@ -291,11 +305,13 @@ def _phases(e: EstimateInput, b: _Bytes, P: _Params) -> tuple[dict[str, dict[str
     head_tmp = head_w * c if (full and b.autocast and b.wb != c and not e.chunked_loss) else 0
     ph["head_backward"] = dict(activations=fwd_act, autocast_copies=bwd_cast, logits_loss=loss["head_backward"],
                                gradients=g_head, temporary=head_tmp + N * cfg.hidden_size * c)
-    for k in (L - 1, 0):  # the last block (most activations held) and the first (most gradients)
-        recompute = (a_first - cut_first if k == 0 else a_blk - cut) if e.grad_ckpt else 0
+    # the last block (most activations held), the first (most gradients), the last checkpointed one (the first to
+    # recompute) and the first plain one
+    for k in sorted({L - 1, 0, n_ck - 1, n_ck} & set(range(L)), reverse=True):
+        recompute = (a_first - cut_first if k == 0 else a_blk - cut) if k < n_ck else 0
         ph[f"block{k}_backward"] = dict(
             activations=held(k + 1) + recompute + shared, autocast_copies=cast_held(k + 1), logits_loss=logits,
-            gradients=g_head + (L - k) * g_blk, temporary=trans)
+            gradients=g_head + (L - k) * g_blk, temporary=trans[tile if k < n_ck else None])
     ph["backward_end"] = dict(activations=0, autocast_copies=0, logits_loss=logits, gradients=P.grads_full,
                               temporary=g_embed if cfg.tie_word_embeddings and full else 0)  # dE, added
     # fused AdamW and torchao's 8-bit AdamW: no full-size temporaries

@@ -4,7 +4,8 @@ offloading, the fastest setting that fits, and why the others do not.
 Speed model (documented, relative; for ranking settings, not for promising tokens/s): a step costs its FLOPs at
 EFFECTIVE_FLOPS (6 N per token for full fine-tuning, 4 N with a frozen base: forward + input gradients; causal
 attention 2 L S q_dim per token forward, twice that backward); checkpointing adds one more forward (~1/3 more for full
-fine-tuning, ~1/2 with a frozen base); QLoRA re-dequantizes every weight in forward and backward (DEQUANT_BYTES of
+fine-tuning, ~1/2 with a frozen base) for each checkpointed block (a checkpointing row checkpoints only as many blocks,
+the first ones, as its budget needs: `ckpt_blocks`); QLoRA re-dequantizes every weight in forward and backward (DEQUANT_BYTES of
 memory traffic per weight at HBM_BW); activation offloading moves every saved tensor over PCIe both ways (PCIE_BW),
 overlapped with compute; optimizer offloading moves gradients down and weights up over PCIe and runs AdamW on the CPU
 (CPU_ADAM params/s), not overlapped.
@@ -37,20 +38,22 @@ def parse_size(text: str) -> int:
 
 
 def step_seconds(cfg: ModelConfig, est: dict, method: str, batch: int, seq: int, grad_ckpt: bool,
-                 offload: str | None) -> float:
+                 offload: str | None, ckpt_blocks: int | None = None) -> float:
     """Seconds per training step under the speed model of this module's docstring."""
+    L = cfg.num_hidden_layers
+    recomputed = min(L if ckpt_blocks is None else ckpt_blocks, L) / L  # the share of blocks recomputed
     d = est["detail"]
     n_mat = d["params"] - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 0)
     attn = 2 * cfg.num_hidden_layers * seq * cfg.num_attention_heads * cfg.head_dim  # causal, per token, forward
     fwd = 2 * n_mat + attn
     per_tok = 3 * fwd if method == "full" else 2 * fwd + 2 * attn / 2  # frozen base: no weight gradients
     if grad_ckpt:
-        per_tok += fwd
+        per_tok += fwd * recomputed
     if grad_ckpt == "offload":  # block inputs down to pinned memory and back, overlapped with compute
         t_copy = 2 * cfg.num_hidden_layers * batch * seq * cfg.hidden_size * 2 / PCIE_BW
     t = batch * seq * per_tok / EFFECTIVE_FLOPS
     if method == "qlora":
-        t += (3 if grad_ckpt else 2) * d["params"] * DEQUANT_BYTES / HBM_BW
+        t += (2 + (recomputed if grad_ckpt else 0)) * d["params"] * DEQUANT_BYTES / HBM_BW
     if offload == "activations":
         t = max(t, 2 * est["host_bytes"] / PCIE_BW)
     if grad_ckpt == "offload":
@@ -78,6 +81,18 @@ def _max_batch(cfg, budget, method, seq, ck, off, kw, cap: int = 4096) -> int:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if _fits(cfg, budget, method, mid, seq, ck, off, kw) else (lo, mid)
     return lo
+
+
+def fewest_ckpt_blocks(cfg: ModelConfig, budget: int, method: str, batch: int, seq: int, kw) -> int | None:
+    """The fewest checkpointed blocks (the first ones) with which `batch` x `seq` still fits under plain
+    checkpointing (memory falls as more blocks are checkpointed: bisection); None when all of them are needed."""
+    L = cfg.num_hidden_layers
+    fits = lambda n: _fits(cfg, budget, method, batch, seq, True, None, dict(kw, ckpt_blocks=n))  # noqa: E731
+    lo, hi = -1, L  # fits(hi) holds (the row's batch was found with every block checkpointed)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return None if hi == L else hi
 
 
 def longest_seq(cfg: ModelConfig, budget: int, method: str, ck, off, kw, cap: int = 1 << 20) -> int:
@@ -131,11 +146,13 @@ def plan(cfg: ModelConfig, gpu_memory_bytes: int, seq: int | None = None,
                 s = seq or max_seq or seqs[0]
                 b = _max_batch(cfg, gpu_memory_bytes, method, s, ck, off, kw)
                 row.update(seq=s, max_batch=b, max_seq_at_batch1=max_seq)
-                e = estimate(cfg, method, batch=max(b, 1), seq=s, grad_ckpt=ck, offload=off, **kw)
-                row.update(peak_bytes=e["total_bytes"], dominant=e["dominant"])
+                n_ck = fewest_ckpt_blocks(cfg, gpu_memory_bytes, method, b, s, kw) if b and ck is True else None
+                e = estimate(cfg, method, batch=max(b, 1), seq=s, grad_ckpt=ck, offload=off, ckpt_blocks=n_ck, **kw)
+                row.update(peak_bytes=e["total_bytes"], dominant=e["dominant"], ckpt_blocks=n_ck)
                 if b:
                     row["fits"] = True
-                    row["tokens_per_s"] = kw.get("gpus", 1) * b * s / step_seconds(cfg, e, method, b, s, ck, off)
+                    t = step_seconds(cfg, e, method, b, s, ck, off, n_ck)
+                    row["tokens_per_s"] = kw.get("gpus", 1) * b * s / t
                 else:
                     row["reason"] = _why(e, gpu_memory_bytes, s)
                 rows.append(row)

@@ -15,7 +15,7 @@ from slimtune.models.attention import Attention
 from slimtune.models.cache import KVCache
 from slimtune.models.config import ModelConfig
 from slimtune.models.layers import MLP, ScaledEmbedding, make_norm
-from slimtune.models.recompute import MLP_TILE, HostPool, run_blocks
+from slimtune.models.recompute import MLP_TILE, HostPool, checkpointed, run_blocks
 from slimtune.models.rope import Rotary
 
 
@@ -97,8 +97,9 @@ class Decoder(nn.Module):
 
     `grad_ckpt`: False, True (recompute each block in backward) or "offload" (recompute, with the block inputs
     waiting in pinned host memory); see `recompute.py`. `mlp_tile`: under grad_ckpt, the MLPs of sequences longer
-    than this many tokens run in pieces of it (`layers.MLP.tile`); None: never. Setting either updates every block's
-    MLP (`mlp.tile` = mlp_tile when grad_ckpt is on, else None).
+    than this many tokens run in pieces of it (`layers.MLP.tile`); None: never. `ckpt_blocks`: checkpoint only the
+    first N blocks (None: all); the later ones keep their activations (faster, more memory). Setting any of them
+    updates every block's MLP (`mlp.tile` = mlp_tile in the checkpointed blocks, else None).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -110,6 +111,7 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self._grad_ckpt: bool | str = False
         self._mlp_tile: int | None = MLP_TILE
+        self._ckpt_blocks: int | None = None
         self._host_pool = HostPool()  # pinned buffers of offloaded block inputs, reused across steps
         self.kinds = sorted({cfg.layer_type(i) for i in range(cfg.num_hidden_layers)})
         self.reset_rope()
@@ -134,10 +136,20 @@ class Decoder(nn.Module):
         self._mlp_tile = tokens
         self._set_tiles()
 
+    @property
+    def ckpt_blocks(self) -> int | None:
+        return self._ckpt_blocks
+
+    @ckpt_blocks.setter
+    def ckpt_blocks(self, n: int | None) -> None:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ConfigError(f"ckpt_blocks must be a number of blocks >= 0 (or None: all), got {n!r}")
+        self._ckpt_blocks = n
+        self._set_tiles()
+
     def _set_tiles(self) -> None:
-        tile = self._mlp_tile if self._grad_ckpt else None
-        for layer in self.model.layers:
-            layer.mlp.tile = tile
+        for i, layer in enumerate(self.model.layers):
+            layer.mlp.tile = self._mlp_tile if checkpointed(i, self._grad_ckpt, self._ckpt_blocks) else None
 
     # ---- positions and masks ------------------------------------------------------------------------------------
     def reset_rope(self) -> None:
@@ -227,7 +239,7 @@ class Decoder(nn.Module):
         else:
             cos, sin = self.rope(position_ids, x.dtype)
         mode = self.grad_ckpt if self.training and torch.is_grad_enabled() else False
-        x = run_blocks(self.model.layers, x, cos, sin, mask, cache, mode, self._host_pool)
+        x = run_blocks(self.model.layers, x, cos, sin, mask, cache, mode, self._host_pool, self._ckpt_blocks)
         if cache is not None and not cache.static:
             cache.pos += T
         return self.model.norm(x)

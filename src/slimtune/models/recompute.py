@@ -134,17 +134,25 @@ class _OffloadedBlock(torch.autograd.Function):
         return (None, None, x.grad if ctx.x_grad else None, None, None, None) + (None,) * n_params
 
 
-def run_blocks(layers: nn.ModuleList, x: Tensor, cos, sin, mask, cache, mode, pool: HostPool | None) -> Tensor:
+def checkpointed(i: int, mode, n_ckpt: int | None) -> bool | str:
+    """The checkpoint mode of block i: `mode` for the first `n_ckpt` blocks (None: all), False after them."""
+    return mode if n_ckpt is None or i < n_ckpt else False
+
+
+def run_blocks(layers: nn.ModuleList, x: Tensor, cos, sin, mask, cache, mode, pool: HostPool | None,
+               n_ckpt: int | None = None) -> Tensor:
     """Run the decoder blocks on x (B, T, d) with checkpointing `mode` (False, True or "offload"; see the module
-    docstring) and return the last block's output."""
+    docstring) for the first `n_ckpt` of them (None: all; the later blocks keep their activations, which costs memory
+    and saves their recomputation) and return the last block's output."""
     from torch.utils.checkpoint import checkpoint
 
     offloaded = OffloadedInputs(pool, x.device) if mode == "offload" else None
-    for layer in layers:
-        if offloaded is not None:
+    for i, layer in enumerate(layers):
+        mode_i = checkpointed(i, mode, n_ckpt)
+        if mode_i == "offload":
             params = [p for p in layer.parameters() if p.requires_grad]
             x = _OffloadedBlock.apply(offloaded, layer, x, cos, sin, mask, *params)
-        elif mode:  # RNG states cannot be read while a CUDA graph is captured (graphed steps run no dropout)
+        elif mode_i:  # RNG states cannot be read while a CUDA graph is captured (graphed steps run no dropout)
             x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False,
                            preserve_rng_state=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
         else:

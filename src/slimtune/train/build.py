@@ -75,6 +75,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Prec
         ConfigError, CheckpointError, PrecisionError: bad method options, model folder or precision.
     """
     from slimtune.models.fallback import check_packing, is_transformers_model, set_grad_ckpt
+    from slimtune.models.host_embed import keep_embedding_on_host
     from slimtune.models.load import load_model
     from slimtune.peft.api import apply_method, freeze_base, trainable_report
 
@@ -101,9 +102,14 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Prec
         freeze_base(model)
     apply_precision(model, prec)
     if is_transformers_model(model):  # the fallback: transformers' own checkpointing
+        if cfg.ckpt_blocks is not None:
+            raise ConfigError(f"ckpt_blocks needs slimtune's decoder; {model.config.model_type} runs through "
+                              "transformers, which checkpoints every block; fix: leave ckpt_blocks out")
         set_grad_ckpt(model, cfg.grad_ckpt)
     else:
-        model.grad_ckpt, model.mlp_tile = cfg.grad_ckpt, cfg.mlp_tile or None
+        model.grad_ckpt, model.mlp_tile, model.ckpt_blocks = cfg.grad_ckpt, cfg.mlp_tile or None, cfg.ckpt_blocks
+    if cfg.host_embedding:
+        keep_embedding_on_host(model)  # after the precision policy, which may cast the table
     return model.train(), prec, trainable_report(model, print_line=False)  # counts quantized weights too
 
 

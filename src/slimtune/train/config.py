@@ -29,7 +29,7 @@ RESUME_KEYS = ("model", "method", "method_args", "quant", "data", "data_format",
                "max_length", "packing", "precision", "base_dtype", "batch_size", "grad_accum", "lr", "min_lr",
                "warmup_steps", "warmup_ratio", "schedule", "weight_decay", "betas", "optimizer", "seed", "from_scratch",
                "galore_rank", "galore_update_interval", "galore_scale", "stochastic_rounding",
-               "mlp_tile")  # (the tile sets where LoRA dropout draws its masks)
+               "mlp_tile", "ckpt_blocks")  # (the tiles set where LoRA dropout draws its masks)
 
 
 
@@ -64,6 +64,8 @@ class TrainConfig:
     grad_ckpt: bool | str = False  # true: recompute each block in backward; offload: also keep the block inputs in
     # pinned host memory until their backward (the longest sequences)
     mlp_tile: int = MLP_TILE  # grad_ckpt: the MLP of longer sequences runs in pieces of this many tokens; 0: off
+    ckpt_blocks: int | None = None  # grad_ckpt: only the first N blocks (the rest keep activations: faster); None: all
+    host_embedding: bool = False  # the frozen token embedding table in pinned host memory, looked up on the CPU
     offload_activations: bool = False
     kernels: str | bool = "auto"  # fused GPU kernels: auto (on CUDA) or off (the PyTorch reference path, for debugging)
     chunked_loss: bool = True  # the loss from the hidden states in chunks of tokens: never the (B, T, V) logits
@@ -96,6 +98,7 @@ class TrainConfig:
     out_dir: str = "out"
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    fsdp_reshard: bool = True  # torchrun: false keeps each block's gathered weights from forward to backward (faster)
     log_every: int = 1  # steps between metrics lines
     log_tensorboard: bool = False
     progress: bool = True  # tqdm progress bar
@@ -122,6 +125,9 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.ckpt_blocks is not None and (self.ckpt_blocks < 0 or not self.grad_ckpt):
+            raise ConfigError(f"ckpt_blocks={self.ckpt_blocks} needs grad_ckpt=true (or offload) and a count >= 0; fix: "
+                              "set grad_ckpt=true, or leave ckpt_blocks out")
         if self.max_steps is None and self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

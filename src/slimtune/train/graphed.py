@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from slimtune.models.fallback import is_transformers_model
+from slimtune.models.host_embed import with_host_rows
 from slimtune.models.rope import host_read
 from slimtune.precision.policy import Precision
 from slimtune.train.step import TrainingError, batch_loss, predicted_tokens, train_step
@@ -110,6 +111,7 @@ class GraphedStep:
             TrainingError: the loss or the gradient norm is NaN/inf (the weights are left as they were).
         """
         self.steps += 1
+        micro = with_host_rows(self.model, micro)  # host-table rows: looked up here, copied in with the batch
         if self.steps == 1 or (self.graph is not None and self._shapes(micro) != self.shapes):
             return self._eager(micro, lr)
         if self.graph is None:

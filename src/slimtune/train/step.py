@@ -14,6 +14,7 @@ from slimtune.data.pack import model_inputs
 from slimtune.data.tokenize import IGNORE_INDEX
 from slimtune.errors import SlimtuneError
 from slimtune.models.fallback import is_transformers_model, transformers_logits
+from slimtune.models.host_embed import with_host_rows
 from slimtune.precision.policy import Precision
 from slimtune.train.loss import causal_lm_loss, chunkable_head, lm_head_loss
 from slimtune.train.offload import offload_activations
@@ -77,6 +78,7 @@ def train_step(model: nn.Module, micro: list[dict], optimizer, scaler, prec: Pre
         TrainingError: the loss is NaN/inf, or (without a scaler) a gradient is.
     """
     n_pred = predicted_tokens(micro) if n_pred is None else n_pred
+    micro = with_host_rows(model, micro)  # rows of a host-resident embedding table, looked up on the CPU
     total = torch.zeros((), device=device)
     for b in micro:
         loss_sum, _ = forward_loss(model, b, prec, device, offload, chunked)
