@@ -2,15 +2,20 @@
 LoRA adapters (r=16 on q, k, v, o, gate, up, down), closed-loop clients keeping 16, 64 and 256 requests in flight,
 prompts of 128 random tokens, 128 new tokens each (greedy, end-of-sequence ignored).
 
-Cases, each through slimtune's engine in this process (continuous batching, paged KV cache, CUDA graphs):
-(a) base: the base alone; (b) mixed-8/<mode>: the 8 adapters spread evenly over every batch, LoRA modes dense and
-gather; (c) merged: one adapter merged into the base. Beside them, on the same prompts and weights: transformers'
-`generate` and PEFT's mixed-batch `generate(adapter_names=...)`, each as one static batch of `concurrency` prompts.
+Cases (--cases), each through slimtune's engine in this process (continuous batching, paged KV cache, CUDA graphs):
+(a) base: the base alone; (b) mixed: mixed-8/<mode>, the 8 adapters spread evenly over every batch, LoRA modes
+(--modes) dense and gather; (c) merged: one adapter merged into the base. Beside them, on the same prompts and weights:
+transformers' `generate` and PEFT's mixed-batch `generate(adapter_names=...)` (cases transformers, peft), each row one
+static batch of `concurrency` prompts, i.e. one `generate` call (--static-concurrency picks their rows: PEFT takes
+about a minute per row on the 8B shape, so a call can run only the rows it lacks).
 
-    python benchmarks/serve_8b.py                        # one H200: about 4 minutes
+    python benchmarks/serve_8b.py                        # one H200: about 6 minutes, see --budget-s
+    python benchmarks/serve_8b.py --cases base,mixed,merged,peft --modes dense --static-concurrency 64,256
     python benchmarks/serve_8b.py --shape tiny --quick   # a smoke run, CPU is fine
+    python benchmarks/serve_8b.py --tabulate run1.txt run2.txt   # one table from the JSON lines of earlier runs
 
-Prints one JSON line per case, then a Markdown table (tokens/s, p50 / p99 latency, (b)/(a)).
+Prints one JSON line per row (case, concurrency, tokens/s, latencies, the machine), then a Markdown table (tokens/s,
+p50 / p99 latency, (b)/(a)).
 """
 import argparse
 import gc
@@ -23,6 +28,7 @@ from pathlib import Path
 import torch
 from decode_8b import materialise, timed  # the same random-weight model builder
 
+CASES = ("base", "mixed", "merged", "transformers", "peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -115,10 +121,13 @@ def hf_twin(model, dev):
 
 
 def run_static(case: str, gen, a, prompts, dev, emit, names=None) -> None:
-    """One static batch of `concurrency` prompts through `gen` (a transformers / PEFT model): every request waits
-    for the whole batch, so its latency is the batch time."""
+    """One static batch of `concurrency` prompts through `gen` (a transformers / PEFT model) per --static-concurrency
+    row: every request waits for the whole batch, so its latency is the batch time. No row starts past --budget-s."""
     kw = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
-    for c in a.concurrency:
+    for c in a.static_concurrency:
+        if time.perf_counter() - a.t0 > a.budget_s:
+            emit({"case": case, "concurrency": c, "skipped": f"past --budget-s {a.budget_s:g}"})
+            continue
         ids = torch.tensor(prompts[:c], device=dev)
         extra = {"adapter_names": [names[i % len(names)] for i in range(c)]} if names else {}
         gen.generate(input_ids=ids[:, :8], max_new_tokens=2, **kw, **extra)  # warm-up
@@ -140,10 +149,12 @@ def run_peft(hf, dirs: list[str], names: list[str], a, prompts, dev, emit) -> No
 
 def table(rows: list[dict]) -> str:
     cases = list(dict.fromkeys(r["case"] for r in rows if "tokens_per_s" in r))
-    get = {(r["case"], r["concurrency"]): r for r in rows if "tokens_per_s" in r}
+    get = {(r["case"], r["concurrency"]): r for r in rows if "tokens_per_s" in r}  # a later line wins
+    if not get:
+        return "(no rows)"
     out = ["| concurrency | " + " | ".join(f"{c} tok/s (p50 / p99 s)" for c in cases) + " | mixed / base |",
            "| --- " * (len(cases) + 2) + "|"]
-    for conc in sorted({r["concurrency"] for r in rows}):
+    for conc in sorted({r["concurrency"] for r in rows if "tokens_per_s" in r}):
         cells = [f"{get[c, conc]['tokens_per_s']} ({get[c, conc]['p50_s']} / {get[c, conc]['p99_s']})"
                  if (c, conc) in get else "-" for c in cases]
         base = get.get(("base", conc))
@@ -157,7 +168,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--model", help="a model folder instead of random weights of --shape")
-    ap.add_argument("--concurrency", default="16,64,256")
+    ap.add_argument("--concurrency", default="16,64,256", help="requests in flight, for slimtune's engine")
+    ap.add_argument("--static-concurrency", help="static batch sizes of transformers / PEFT (default --concurrency)")
+    ap.add_argument("--cases", default=",".join(CASES), help="a subset of " + ",".join(CASES))
+    ap.add_argument("--tabulate", nargs="+", metavar="FILE", help="print one table of earlier runs' JSON lines "
+                                                                  "(a later line of a case and concurrency wins)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--adapters", type=int, default=8)
@@ -165,13 +180,22 @@ def main():
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--modes", default="dense,gather", help="LoRA modes of case (b)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers and PEFT")
-    ap.add_argument("--budget-s", type=float, default=330, help="skip the baselines left once this much time passed")
+    ap.add_argument("--budget-s", type=float, default=330, help="start no transformers / PEFT row after this long")
     ap.add_argument("--quick", action="store_true", help="a smoke run: concurrency 4,16, 32 + 16 tokens")
     a = ap.parse_args()
+    if a.tabulate:
+        rows = [json.loads(line) for f in a.tabulate for line in Path(f).read_text().splitlines()
+                if line.startswith("{") and '"case"' in line]
+        print(table(rows))
+        return
     if a.quick:
         a.concurrency, a.prompt_len, a.new, a.requests_per_client = "4,16", 32, 16, 1
     a.concurrency = [int(c) for c in a.concurrency.split(",")]
-    T0 = time.perf_counter()
+    a.static_concurrency = [int(c) for c in a.static_concurrency.split(",")] if a.static_concurrency else a.concurrency
+    a.cases = a.cases.split(",")
+    if set(a.cases) - set(CASES):
+        ap.error(f"--cases: unknown {sorted(set(a.cases) - set(CASES))}; choose from {','.join(CASES)}")
+    T0 = a.t0 = time.perf_counter()
     from slimtune.models import load_model, load_tokenizer
     from slimtune.models.shapes import build_meta, get_shape
     from slimtune.models.tiny import builtin_tokenizer
@@ -187,7 +211,7 @@ def main():
         tok = builtin_tokenizer()  # random weights have no tokenizer; this one decodes any id (unknown ones to "")
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    n_prompts = max(a.concurrency) * a.requests_per_client
+    n_prompts = max(max(a.concurrency) * a.requests_per_client, max(a.static_concurrency))
     prompts = torch.randint(0, V, (n_prompts, a.prompt_len), generator=g).tolist()
     rows: list[dict] = []
     info = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
@@ -199,13 +223,14 @@ def main():
         print(json.dumps({**r, **info}), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        run_cases(model, tok, a, prompts, make_adapters(model, Path(tmp), a.adapters, a.rank), dev, emit, T0)
-    print(f"\ntotal {time.perf_counter() - T0:.0f} s; {json.dumps(info)}\n")
+        run_cases(model, tok, a, prompts, make_adapters(model, Path(tmp), a.adapters, a.rank), dev, emit)
+    print(json.dumps({"total_s": round(time.perf_counter() - T0), **info}) + "\n")
     print(table(rows))
 
 
-def run_cases(model, tok, a, prompts, dirs, dev, emit, T0) -> None:
-    """(a) base, (b) mixed adapters in each LoRA mode, (c) merged; then transformers and PEFT if time is left."""
+def run_cases(model, tok, a, prompts, dirs, dev, emit) -> None:
+    """Those of --cases: (a) base, (b) mixed adapters in each LoRA mode, (c) merged; then transformers and PEFT, each
+    row while time is left (--budget-s)."""
     from slimtune.models.shapes import build_meta
     from slimtune.peft import load_adapter, merge_and_unload
     from slimtune.peft.targets import replace_module
@@ -217,11 +242,12 @@ def run_cases(model, tok, a, prompts, dirs, dev, emit, T0) -> None:
         except Exception as e:  # noqa: BLE001
             emit({"case": case, "concurrency": 0, "error": f"{type(e).__name__}: {e}"})
 
-    names = [f"a{i}" for i in range(a.adapters)]
-    attempt("base", lambda: run_engine("base", model, tok, None, a, prompts, [], emit))  # (a)
+    names, cases = [f"a{i}" for i in range(a.adapters)], set(a.cases)
+    if "base" in cases:  # (a)
+        attempt("base", lambda: run_engine("base", model, tok, None, a, prompts, [], emit))
     skeleton = build_meta(model.config)
     factors = [read_lora(skeleton, d) for d in dirs]
-    for mode in a.modes.split(","):  # (b)
+    for mode in a.modes.split(",") if "mixed" in cases else []:  # (b)
         bank = AdapterBank(model, slots=a.adapters, rank=a.rank, mode=mode)
         for n, (f, r) in zip(names, factors):
             bank.add(n, f, r)
@@ -229,18 +255,17 @@ def run_cases(model, tok, a, prompts, dirs, dev, emit, T0) -> None:
         attempt(case, lambda case=case, bank=bank: run_engine(case, model, tok, bank, a, prompts, names, emit))
         for path, m in bank.layers.items():  # back to the plain base
             replace_module(model, path, m.base_layer)
-    load_adapter(model, dirs[0], "merged")  # (c): folded into the base weights, then served plainly
-    merge_and_unload(model)
-    attempt("merged", lambda: run_engine("merged", model, tok, None, a, prompts, [], emit))
-    if not a.no_hf:  # on the merged weights: the same shapes, so the same speed as on the base
-        hf = hf_twin(model, dev)
-        if time.perf_counter() - T0 < a.budget_s:
-            attempt("transformers", lambda: run_static("transformers", hf, a, prompts, dev, emit))
-        if time.perf_counter() - T0 < a.budget_s:
-            attempt(f"peft-mixed-{a.adapters}", lambda: run_peft(hf, dirs, names, a, prompts, dev, emit))
-        else:
-            print(json.dumps({"skipped": "transformers / peft: past --budget-s"}))
-
+    if "merged" in cases:  # (c): one adapter folded into the base weights, then served plainly
+        load_adapter(model, dirs[0], "merged")
+        merge_and_unload(model)
+        attempt("merged", lambda: run_engine("merged", model, tok, None, a, prompts, [], emit))
+    if a.no_hf or not cases & {"transformers", "peft"}:
+        return
+    hf = hf_twin(model, dev)  # merged or not: the same shapes, so the same speed
+    if "transformers" in cases:
+        attempt("transformers", lambda: run_static("transformers", hf, a, prompts, dev, emit))
+    if "peft" in cases:
+        attempt(f"peft-mixed-{a.adapters}", lambda: run_peft(hf, dirs, names, a, prompts, dev, emit))
 
 if __name__ == "__main__":
     main()

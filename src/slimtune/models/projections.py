@@ -5,7 +5,8 @@ the B's written into their columns, and a hand-written backward (`slimtune.kerne
 Layers are recognised by what they hold, not by class, so that models stay below the method packages: a LoRA wrapper
 has `base_layer`, `lora_A`, `lora_B`, `scaling`, `active`; a quantized base has `fmt` and `dequantize`. Anything the
 fused path does not cover (DoRA, merged or disabled adapters, different dropouts, a trainable base, activation-
-quantized formats, lora_bias, kernels switched off) runs the layers one by one, as before.
+quantized formats, lora_bias, kernels switched off) runs the layers one by one, as before. A layer with a
+`group_forward(x, layers)` method (the server's multi-adapter layers, `slimtune.serve.lora`) computes the whole call.
 """
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ def project(x: Tensor, layers: Sequence[nn.Module]) -> list[Tensor]:
     Returns:
         one (..., out_features) tensor per layer.
     """
+    lead = next((m for m in layers if hasattr(m, "group_forward")), None)
+    if lead is not None:  # served multi-adapter layers: one LoRA matmul for the group (they call back for the bases)
+        return lead.group_forward(x, layers)
     if not (kernels.fused(x.device) and all(_fusable(m) for m in layers)):
         return [m(x) for m in layers]
     bases = [getattr(m, "base_layer", m) for m in layers]
