@@ -1,6 +1,7 @@
 """The pieces of FSDP2 runs that need no process group: a 4-bit layer quantized shard by shard is byte for byte the
 whole layer quantized at once (any number of ranks, partial blocks, odd sizes, NF4 / FP4, with and without double
-quantization); QuantLinear's uint8 parameters read back as its buffers (same weight, same bitsandbytes state dict);
+quantization, bytes stored in 1-, 2- and 4-byte float elements); QuantLinear's float-stored byte parameters read back
+as its buffers (same weight, same bitsandbytes state dict, untouched by casts of the model);
 FSDP2's row chunks; each rank's rows of a batch; the memory estimator's per-GPU figures against a real model."""
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from slimtune.quant.codecs.fourbit import quantize_4bit
 from slimtune.quant.linear import QuantLinear
-from slimtune.quant.shard import chunk_range, fourbit_shard, to_byte_params
+from slimtune.quant.shard import byte_range, chunk_range, fourbit_shard, to_byte_params
 
 
 @pytest.mark.parametrize("n", [1, 5, 63, 64, 1000])
@@ -21,16 +22,21 @@ def test_chunk_range_is_torch_chunk(n, world):
     assert got == want
 
 
-@pytest.mark.parametrize("fmt,dq", [("nf4", True), ("nf4", False), ("fp4", True)])
+@pytest.mark.parametrize("fmt,dq,storage", [("nf4", True, torch.bfloat16), ("nf4", False, torch.float32),
+                                            ("fp4", True, torch.float8_e4m3fn), ("nf4", True, torch.float32)])
 @pytest.mark.parametrize("out_f,in_f", [(48, 80), (7, 9), (300, 96)])
-def test_fourbit_shards_are_the_whole_layer_quantized(fmt, dq, out_f, in_f):
+def test_fourbit_shards_are_the_whole_layer_quantized(fmt, dq, storage, out_f, in_f):
     torch.manual_seed(out_f * in_f)
     w = torch.randn(out_f, in_f) * torch.rand(out_f, 1) * 3  # rows of different scales
     whole = QuantLinear.from_weight(w, None, fmt, None, dq)
     full = {k: b.reshape(-1).view(torch.uint8) for k, b in whole.named_buffers()}
+    unit = storage.itemsize
     for world in (1, 2, 3, 5, 8):
         layer = QuantLinear(in_f, out_f, fmt, False, None, dq, torch.float32, "meta")
-        to_byte_params(torch.nn.Sequential(layer))
+        to_byte_params(torch.nn.Sequential(layer), storage)
+        # each parameter: the bytes padded to whole storage elements, sharded by FSDP2's chunks of elements
+        assert {k: p.numel() for k, p in layer.named_parameters()} == {k: -(-v.numel() // unit) for k, v in
+                                                                        full.items()}
         got = {k: [] for k in full}
         for rank in range(world):
             def gather(piece, counts, rank=rank, world=world):  # stands in for the all-gather: checks this rank's piece
@@ -41,11 +47,13 @@ def test_fourbit_shards_are_the_whole_layer_quantized(fmt, dq, out_f, in_f):
                                   for r in range(world)])
 
             for k, v in fourbit_shard(layer, lambda r0, r1: w[r0:r1], rank, world, gather).items():
-                s, e = chunk_range(full[k].numel(), rank, world)
-                assert v.dtype == torch.uint8 and v.numel() == e - s, (k, world, rank)
+                s, e = chunk_range(getattr(layer, k).numel(), rank, world)
+                assert v.dtype == torch.uint8 and v.numel() == unit * (e - s), (k, world, rank)
+                assert byte_range(full[k].numel(), unit, rank, world)[2] == v.numel()
                 got[k].append(v)
         for k in full:
-            assert torch.equal(torch.cat(got[k]), full[k]), (k, world)
+            n, cat = full[k].numel(), torch.cat(got[k])
+            assert torch.equal(cat[:n], full[k]) and not cat[n:].any() and cat.numel() < n + unit, (k, world)
 
 
 def test_a_failing_rank_stops_every_rank_at_the_same_gather():
@@ -68,25 +76,37 @@ def test_a_failing_rank_stops_every_rank_at_the_same_gather():
     assert seen == [0.0, 1.0]  # both reached the gather
 
 
-def test_byte_parameters_read_back_as_the_buffers():
-    torch.manual_seed(1)
-    w, b = torch.randn(24, 128).to(torch.bfloat16), torch.randn(24).to(torch.bfloat16)
+@pytest.mark.parametrize("out_f,in_f", [(24, 128), (3, 64)])  # (3, 64): 3 absmax codes, an odd byte count
+def test_byte_parameters_read_back_as_the_buffers(out_f, in_f):
+    from slimtune.quant.shard import StoredQuantLinear
+
+    torch.manual_seed(out_f)
+    w, b = torch.randn(out_f, in_f).to(torch.bfloat16), torch.randn(out_f).to(torch.bfloat16)
     ref = QuantLinear.from_weight(w, b, "nf4", None, True)
     q = QuantLinear.from_weight(w, b, "nf4", None, True)
     model = torch.nn.Sequential(q)
-    assert to_byte_params(model) == ["0"]
-    assert not list(q.buffers()) and all(p.dtype == torch.uint8 and p.dim() == 1 and not p.requires_grad
+    assert to_byte_params(model) == ["0"] and isinstance(q, StoredQuantLinear)
+    assert to_byte_params(model) == []  # (converted once)
+    assert not list(q.buffers()) and all(p.dtype == torch.bfloat16 and p.dim() == 1 and not p.requires_grad
                                          for n, p in q.named_parameters() if n != "bias")
+    codes = q.typed("absmax")
+    assert codes.dtype == torch.uint8 and codes.untyped_storage().data_ptr() == q.absmax.untyped_storage().data_ptr()
     model.to(torch.float16)  # a cast of the model leaves the bytes alone (the bias follows, as in `ref`)
     ref.to(torch.float16)
+    model.float()
+    assert all(p.dtype == torch.bfloat16 for n, p in q.named_parameters() if n != "bias")
+    model.half()
     assert q.typed("nested_offset").shape == () and q.typed("nested_offset").dtype == torch.float32
+    assert torch.equal(q.typed("nested_offset"), ref.nested_offset)  # fp32, exact
     assert torch.equal(q.dequantize(torch.float32), ref.dequantize(torch.float32))
     sd, want = q.state_dict(), ref.state_dict()
     assert sorted(sd) == sorted(want)  # bitsandbytes' keys, not the raw bytes
     for k in want:
         assert sd[k].dtype == want[k].dtype and torch.equal(sd[k], want[k]), k
-    x = torch.randn(3, 128, dtype=torch.float16)
+    x = torch.randn(3, in_f, dtype=torch.float16)
     assert torch.equal(q(x), ref(x))
+    with pytest.raises(Exception, match="not a floating-point dtype"):
+        to_byte_params(torch.nn.Sequential(QuantLinear.from_weight(w, None, "nf4")), torch.uint8)
 
 
 def test_shard_batch_rows_and_fillers():
@@ -119,8 +139,9 @@ def test_estimator_per_gpu_figures_against_a_real_sharded_layout():
                                  "precision=bf16-mixed"])
         model, _, _ = _meta_model(cfg, make_policy("bf16-mixed", full=False), mc.replace())
         to_byte_params(model)
-        # what FSDP2 gathers for block 0: floats in bf16 (param_dtype), the NF4 bytes as they are
-        want = sum(p.numel() * (2 if p.is_floating_point() else 1) for p in model.model.layers[0].parameters())
+        # what FSDP2 gathers for block 0: everything in bf16 (param_dtype), the NF4 bytes stored in bf16 elements
+        assert all(p.is_floating_point() for p in model.parameters())
+        want = sum(p.numel() * 2 for p in model.model.layers[0].parameters())
         one = estimate(EstimateInput(mc, method, "bf16-mixed", "adamw", 1, 64, True))
         two = estimate(EstimateInput(mc, method, "bf16-mixed", "adamw", 1, 64, True, gpus=2))
         assert two["detail"]["gathered_block_bytes"] == want, method
@@ -132,3 +153,27 @@ def test_estimator_per_gpu_figures_against_a_real_sharded_layout():
         estimate(EstimateInput(mc, "lora", gpus=0))
     with pytest.raises(Exception, match="without offloading"):
         estimate(EstimateInput(mc, "lora", offload="optimizer", gpus=2))
+
+
+def test_estimator_counts_gathers_kept_from_forward_to_backward():
+    from slimtune.memory.estimate import EstimateInput, estimate
+    from slimtune.models.shapes import get_shape
+
+    cfg = get_shape("llama3-8b")
+    L = cfg.num_hidden_layers
+    for method in ("lora", "qlora"):
+        def est(keep: bool) -> dict:
+            e = EstimateInput(cfg, method, "bf16-mixed", "adamw", 2, 512, True, gpus=2, chunked_loss=False)
+            e.fsdp_reshard = not keep  # (memory.fsdp reads it where the input has the field)
+            return estimate(e)
+
+        base, keep = est(False), est(True)
+        d = base["detail"]
+        blk, head, embed = d["gathered_block_bytes"], d["gathered_head_bytes"], d["gathered_embed_bytes"]
+        assert embed > 0 and d["fsdp_reshard"] and not keep["detail"]["fsdp_reshard"]
+        diff = {k: keep["detail"]["phases"][k] - v for k, v in d["phases"].items()}
+        assert diff["forward_end"] == diff["loss_backward"] == L * blk + head + embed  # everything gathered
+        assert diff["head_backward"] == (L - 2) * blk + embed  # (reshard: the head and 2 blocks, prefetch)
+        assert diff[f"block{L - 1}_backward"] == (L - 3) * blk + embed  # blocks 0..L-1 against 3 in flight
+        assert diff["block0_backward"] == embed and diff["optimizer_step"] == 0
+        assert keep["total_bytes"] > base["total_bytes"]

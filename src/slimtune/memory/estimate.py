@@ -83,6 +83,7 @@ class EstimateInput:
     mlp_tile: int | None = MLP_TILE  # tokens per MLP piece in the recomputed blocks (grad_ckpt only)
     ckpt_blocks: int | None = None  # grad_ckpt: checkpoint the first N blocks only (None: all)
     host_embedding: bool = False  # the token embedding table in pinned host memory (not on the GPU)
+    fsdp_reshard: bool = True  # gpus > 1: FSDP2 frees gathered weights after each forward (False: kept to backward)
 
     def validate(self) -> None:
         """Raises ConfigError on an unknown method / precision / optimizer / offload or a non-positive size."""

@@ -7,6 +7,11 @@ gathered from the forward to the end of the backward, the head's own group durin
 block's unsharded gradients (compute dtype) and their fp32 reduce-scatter copy live during its backward. Gathered
 weights are already in the compute dtype, so autocast makes no copies of them. Activations are those of the rows each
 GPU runs (`batch` is per GPU).
+
+With `fsdp_reshard=false` (the estimate input's `fsdp_reshard`, True where it has no such field) every group stays
+gathered from its forward to the end of its backward: at the end of the forward and through the loss and the head's
+backward all L blocks, the head and the embeddings are gathered; during block k's backward blocks 0..k (and the
+untied embeddings, freed at the end of the backward).
 """
 from __future__ import annotations
 
@@ -26,14 +31,15 @@ def _gathered(p, b, e) -> int:
 def shard_over_gpus(e, b, P, persistent: dict[str, int], phases: dict[str, dict[str, int]],
                     owners: list[int]) -> dict[str, Any]:
     """Turn the one-GPU figures into one GPU's of `e.gpus` under FSDP2, in place; returns details (bytes of a
-    gathered block, of the root's and the head's groups).
+    gathered block, of the root's, the head's and the untied embeddings' groups; the reshard setting).
 
     Args:
         e, b, P: the estimate's input, resolved bytes and parameter figures (`estimate._resolve`, `_parameters`).
         persistent, phases: the one-GPU persistent components and per-phase components.
         owners: for each trainable tensor, 0 (block 0), -2 (head / final norm) or -1 (elsewhere).
     """
-    W = e.gpus
+    W, L = e.gpus, e.cfg.num_hidden_layers
+    keep = not e.fsdp_reshard
     adapter_b = b.cb if b.autocast else b.ab
     blk0 = [(n, s) for (n, s), o in zip(P.trainable, owners) if o == 0]
     block = sum(_gathered(p, b, e) for p in P.table if p.layer == 0)
@@ -52,12 +58,20 @@ def shard_over_gpus(e, b, P, persistent: dict[str, int], phases: dict[str, dict[
         if b.autocast:
             comp["autocast_copies"] = 0
         held = root if name != "optimizer_step" else 0
-        if name == "head_backward":
+        if keep and name == "backward_end":
+            held += embed
+        elif keep and name.startswith("block"):
+            held += (int(name[5:].partition("_")[0]) + 1) * block + embed  # blocks 0..k not yet through backward
+        elif keep and name != "optimizer_step":
+            held += L * block + head + embed  # forward end, loss, head backward: everything gathered
+        elif name == "head_backward":
             held += head + 2 * block  # the last block's all-gather prefetched
         elif name.startswith("block"):
             first = name == "block0_backward"
             held += block if first else 3 * block  # this block, and the previous one's all-gather in flight
             held += embed if first and e.method == "full" else 0  # trainable embeddings: prefetched last
+        if name.startswith("block"):
             comp["temporary"] += g_unsharded
         comp["gathered"] = held
-    return {"gpus": W, "gathered_block_bytes": block, "gathered_root_bytes": root, "gathered_head_bytes": head}
+    return {"gpus": W, "gathered_block_bytes": block, "gathered_root_bytes": root, "gathered_head_bytes": head,
+            "gathered_embed_bytes": embed, "fsdp_reshard": not keep}

@@ -1,13 +1,17 @@
-"""`QuantLinear` under FSDP2: its packed weight and scales as frozen uint8 parameters (FSDP2 shards parameters, not
-buffers), and the bytes of one rank's shard of a 4-bit layer, quantized from only the rows that rank reads.
+"""`QuantLinear` under FSDP2: its packed weight and scales as frozen 1-D parameters of a floating "storage dtype"
+holding their bytes (FSDP2 shards parameters, not buffers), and the bytes of one rank's shard of a 4-bit layer,
+quantized from only the rows that rank reads.
 
-Why uint8 parameters rather than a tensor subclass (torchao's NF4Tensor): FSDP2 shards any parameter along dim 0 and
-all-gathers a group of mixed dtypes as uint8; its `MixedPrecisionPolicy` casts only floating-point parameters, so bytes
-are never rounded to bf16 (it would cast fp32 scales such as `absmax` or `nested_offset`), and 0-dim tensors (which
-cannot be sharded) become 4 bytes. A subclass would have to implement the aten ops FSDP2 applies to shards (split,
-view, copy_, new_zeros, ...) for no gain here. `QuantLinear.typed(name)` views the gathered bytes back as the codec's
-tensors (a view, no copy), so `FourBitCodec.dequantize` - and any kernel behind it - reads exactly the single-GPU
-tensors. Only the FSDP path converts: a single-GPU layer keeps its buffers and bitsandbytes' state-dict keys.
+Why bytes in a float dtype (bitsandbytes' `quant_storage`): FSDP2 shards any parameter along dim 0, but torch 2.11's
+creates each shard as a trainable `nn.Parameter` (refused for integer tensors), and its `MixedPrecisionPolicy` casts
+every parameter whose dtype differs from `param_dtype` - uint8 bytes and fp32 scales would be rounded as numbers.
+Stored in the dtype FSDP2 gathers in (`param_dtype`, or any float one where it casts nothing), nothing is ever cast:
+the all-gather moves the bytes as they are, fp32 scales (`absmax`, `nested_offset`) stay exact. Each tensor's bytes
+are zero-padded to whole storage elements (at most itemsize - 1 bytes); 0-dim tensors become 1-D. A tensor subclass
+(torchao's NF4Tensor) would have to implement the aten ops FSDP2 applies to shards for no gain here.
+`StoredQuantLinear.typed(name)` views the gathered storage back as the codec's tensor (uint8 view, the padding cut,
+then the codec's dtype and shape: no copy), so `FourBitCodec.dequantize` - and any kernel behind it - reads exactly
+the single-GPU tensors. Only the FSDP path converts: a single-GPU layer keeps its buffers and bitsandbytes' keys.
 """
 from __future__ import annotations
 
@@ -34,18 +38,47 @@ def chunk_range(n: int, rank: int, world: int) -> tuple[int, int]:
     return start, min(start + c, n)
 
 
-def to_byte_params(model: nn.Module) -> list[str]:
-    """Turn every QuantLinear's buffers into frozen 1-D uint8 parameters of the same names (their bytes, row-major),
-    recording each one's dtype and shape in `layer.byte_layout` for `QuantLinear.typed`. Works on the meta device.
+class StoredQuantLinear(QuantLinear):
+    """A `QuantLinear` whose packed weight and scales are 1-D float parameters of raw bytes (`to_byte_params`);
+    `byte_layout[name]` = (codec dtype, codec shape, byte count)."""
 
+    def typed(self, name: str) -> Tensor:
+        """Parameter `name` as the codec's tensor: its bytes without the padding, in the codec's dtype and shape (views
+        of the same storage: the gathered storage starts at offset 0 of its own allocation, so fp32 stays aligned)."""
+        dtype, shape, nbytes = self.byte_layout[name]
+        return getattr(self, name).view(torch.uint8)[:nbytes].view(dtype).view(shape)
+
+    def _apply(self, fn, recurse=True):
+        # a cast of the model (`.half()`, `.to(torch.float32)`) must not convert stored bytes as numbers: they go
+        # through it as uint8 views (device moves still apply). FSDP2's sharded DTensor parameters are left to FSDP2.
+        plain = {k: p for k in self.byte_layout if type(p := self._parameters[k]) is nn.Parameter}
+        for k, p in plain.items():
+            self._parameters[k] = nn.Parameter(p.view(torch.uint8), requires_grad=False)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for k, p in plain.items():
+                self._parameters[k] = nn.Parameter(self._parameters[k].view(p.dtype), requires_grad=False)
+
+
+def to_byte_params(model: nn.Module, storage: torch.dtype = torch.bfloat16) -> list[str]:
+    """Turn every QuantLinear's buffers into frozen 1-D parameters of the float dtype `storage` holding their bytes
+    (row-major, zero-padded to whole elements), in place; each layer becomes a `StoredQuantLinear` recording every
+    tensor's dtype, shape and byte count in `byte_layout`. Works on the meta device.
+
+    Args:
+        storage: the dtype FSDP2 gathers the layer's group in (its `param_dtype`), so that it casts nothing.
     Returns:
         the converted layers' names.
     Raises:
-        ConfigError: a layer of a format that cannot be quantized shard by shard (only nf4 / fp4 can).
+        ConfigError: a layer of a format that cannot be quantized shard by shard (only nf4 / fp4 can), or a
+            non-float `storage`.
     """
+    if not storage.is_floating_point:
+        raise ConfigError(f"storage dtype {storage} is not a floating-point dtype (FSDP2 needs float parameters)")
     names = []
     for name, m in model.named_modules():
-        if not isinstance(m, QuantLinear):
+        if not isinstance(m, QuantLinear) or isinstance(m, StoredQuantLinear):
             continue
         if m.fmt not in FORMATS_4BIT:
             raise ConfigError(f"layer {name}: format {m.fmt} cannot be sharded over several processes; fix: "
@@ -54,12 +87,27 @@ def to_byte_params(model: nn.Module) -> list[str]:
         for k, b in list(m._buffers.items()):
             if b is None:
                 continue
-            layout[k] = (b.dtype, tuple(b.shape))
+            raw = b.reshape(-1).view(torch.uint8)
+            layout[k] = (b.dtype, tuple(b.shape), raw.numel())
+            raw = torch.cat([raw, raw.new_zeros(-raw.numel() % storage.itemsize)])  # whole storage elements
             del m._buffers[k]
-            m.register_parameter(k, nn.Parameter(b.reshape(-1).view(torch.uint8), requires_grad=False))
+            m.register_parameter(k, nn.Parameter(raw.view(storage), requires_grad=False))
         m.byte_layout = layout
+        m.__class__ = StoredQuantLinear  # the same module, its tensors read through `StoredQuantLinear.typed`
         names.append(name)
     return names
+
+
+def byte_range(nbytes: int, unit: int, rank: int, world: int) -> tuple[int, int, int]:
+    """Rank's bytes of a tensor of `nbytes` bytes stored in elements of `unit` bytes (zero-padded to whole ones) as
+    FSDP2 shards it: (first byte, end byte, the shard's size in bytes including its share of the padding)."""
+    s, e = chunk_range(-(-nbytes // unit), rank, world)  # storage elements
+    return min(unit * s, nbytes), min(unit * e, nbytes), unit * (e - s)
+
+
+def _padded(t: Tensor, size: int) -> Tensor:
+    """1-D uint8 `t` followed by zeros up to `size` bytes."""
+    return torch.cat([t, t.new_zeros(size - t.numel())]) if size > t.numel() else t
 
 
 def _full_scales(m: QuantLinear, absmax: Tensor) -> dict[str, Tensor]:
@@ -74,8 +122,9 @@ def _full_scales(m: QuantLinear, absmax: Tensor) -> dict[str, Tensor]:
 
 def fourbit_shard(m: QuantLinear, read_rows: RowReader, rank: int, world: int, gather: Gather,
                   name: str = "weight") -> dict[str, Tensor]:
-    """This rank's bytes of each parameter of a 4-bit `m` (after `to_byte_params`), bitwise equal to the same
-    slices of the whole weight quantized at once, while reading only about 1/world of the weight.
+    """This rank's bytes of each parameter of a 4-bit `m` (after `to_byte_params`): 1-D uint8, the size of its
+    shard of the storage parameter, bitwise equal to the same slices of the whole weight quantized at once (the
+    storage's zero padding included), while reading only about 1/world of the weight.
 
     The packed weight's shard (bytes [p0, p1), values [2 p0, 2 p1)) is quantized from the rows holding its whole
     blocks of `group_size` values (blocks are contiguous in the flattened weight, so a block-aligned span quantizes
@@ -91,9 +140,10 @@ def fourbit_shard(m: QuantLinear, read_rows: RowReader, rank: int, world: int, g
         PrecisionError: the rows hold NaN or inf.
     """
     n, B, in_f = m.out_features * m.in_features, m.group_size, m.in_features
+    unit = m.weight.dtype.itemsize  # bytes per storage element
 
     def values(r: int) -> tuple[int, int, int, int]:
-        p0, p1 = chunk_range((n + 1) // 2, r, world)  # packed bytes of rank r
+        p0, p1, _ = byte_range((n + 1) // 2, unit, r, world)  # packed bytes of rank r
         return p0, p1, min(2 * p0, n), min(2 * p1, n)  # and the values they hold
 
     own_blocks = [(-(-v0 // B), -(-v1 // B)) for _, _, v0, v1 in map(values, range(world))]  # blocks starting there
@@ -120,9 +170,9 @@ def fourbit_shard(m: QuantLinear, read_rows: RowReader, rank: int, world: int, g
     keep = torch.ones(pieces.numel(), dtype=torch.bool, device=dev)
     keep[ends - 1] = False
     absmax = pieces[keep]  # (n_blocks,) fp32, as quantize_4bit's
-    out = {"weight": packed}
+    out = {"weight": _padded(packed, byte_range((n + 1) // 2, unit, rank, world)[2])}
     for k, t in _full_scales(m, absmax).items():
         raw = t.reshape(-1).view(torch.uint8)
-        s, e = chunk_range(raw.numel(), rank, world)
-        out[k] = raw[s:e]
+        s, e, size = byte_range(raw.numel(), unit, rank, world)
+        out[k] = _padded(raw[s:e], size)
     return out

@@ -167,7 +167,9 @@ def predict_memory(cfg: TrainConfig, device: torch.device, log: Callable[[str], 
     offload = "optimizer" if cfg.offload_optimizer else "activations" if cfg.offload_activations else None
     e = estimate(EstimateInput(mcfg, "lora" if cfg.method == "dora" else cfg.method, prec, cfg.optimizer,
                                cfg.batch_size // gpus, cfg.max_length, cfg.grad_ckpt, offload=offload,
-                               lora_rank=cfg.rank or 16, quant_format=cfg.quant, gpus=gpus))
+                               lora_rank=cfg.rank or 16, quant_format=cfg.quant, gpus=gpus,
+                               mlp_tile=cfg.mlp_tile or None, ckpt_blocks=cfg.ckpt_blocks,
+                               host_embedding=cfg.host_embedding, fsdp_reshard=cfg.fsdp_reshard))
     free, _ = torch.cuda.mem_get_info(device)
     need = e["total_bytes"]
     log(f"predicted peak GPU memory {need / 2**30:.1f} GiB (largest part: {e['dominant']}); {free / 2**30:.1f} GiB "

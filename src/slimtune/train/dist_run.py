@@ -19,7 +19,8 @@ from slimtune.errors import CheckpointError
 from slimtune.train.build import predict_memory
 from slimtune.train.config import TrainConfig
 from slimtune.train.dist_checkpoint import LAYOUT, load_sharded, save_sharded
-from slimtune.train.distributed import RankRows, all_sum, check_distributed, init_distributed, shard_batch, torchrun_env
+from slimtune.train.distributed import (RankRows, all_sum, check_distributed, init_distributed, reshard_all,
+                                        shard_batch, torchrun_env)
 from slimtune.train.evaluate import evaluate
 from slimtune.train.loop import Run, train
 from slimtune.train.step import predicted_tokens, train_step
@@ -71,7 +72,7 @@ class DistRun(Run):
         return load_sharded(ckpt, self.model, self.optimizer, self.env.rank, self.device)
 
     def checkpoint(self) -> Path:
-        self.model.reshard()  # the root's weights stay gathered after a forward without backward (evaluation)
+        reshard_all(self.model)  # weights stay gathered after a forward without backward (evaluation)
         return save_sharded(self.out, self.step, self.model, self.optimizer, self.run_state(), self.env.rank,
                             self.env.world, self.device, self.cfg.keep_last)
 
@@ -92,7 +93,7 @@ class DistRun(Run):
         rows = RankRows(self.val_ds, self.env.rank, self.env.world)
         ev = evaluate(self.model, rows, self.cfg.batch_size, self.prec, self.device, self.cfg.eval_batches,
                       chunked=False, reduce=all_sum)
-        self.model.reshard()  # no backward follows to free the root's gathered weights
+        reshard_all(self.model)  # no backward follows to free the gathered weights
         self.logger.log({"step": self.step, **ev})
         return ev
 
@@ -100,7 +101,7 @@ class DistRun(Run):
         """Gather the result and write it from rank 0: out/model (full) or out/adapter (PEFT format)."""
         import torch.distributed as dist
 
-        self.model.reshard()
+        reshard_all(self.model)
         if self.cfg.method == "full":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -69,18 +69,6 @@ def device_type(cfg: TrainConfig) -> str:
     return cfg.device
 
 
-# FSDP2 creates each shard as nn.Parameter(shard) and sets requires_grad afterwards in torch 2.11 (measured on the H200
-# image: "only Tensors of floating point dtype can require gradients" for the uint8 NF4 bytes, quant/shard.py); torch
-# 2.13's passes the parameter's own requires_grad. 2.12 not checked, so refused.
-QLORA_FSDP_TORCH = (2, 13)
-
-
-def torch_version() -> tuple[int, int]:
-    """(major, minor) of the running torch."""
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
-
-
 def check_distributed(cfg: TrainConfig, world: int, local_world: int) -> str:
     """Refuse, in one line and before anything is loaded or written, what a run on `world` processes cannot do.
 
@@ -101,6 +89,7 @@ def check_distributed(cfg: TrainConfig, world: int, local_world: int) -> str:
           "offload_optimizer": (cfg.offload_optimizer, cfg.offload_optimizer, "false"),
           "offload_activations": (cfg.offload_activations, cfg.offload_activations, "false"),
           "grad_ckpt": (cfg.grad_ckpt, cfg.grad_ckpt == "offload", "true or false"),
+          "host_embedding": (cfg.host_embedding, cfg.host_embedding, "false"),
           "use_dora": (cfg.use_dora, bool(cfg.use_dora or cfg.method_args.get("use_dora")), "false"),
           "modules_to_save": (cfg.method_args.get("modules_to_save"), bool(cfg.method_args.get("modules_to_save")),
                               "none")}
@@ -108,10 +97,6 @@ def check_distributed(cfg: TrainConfig, world: int, local_world: int) -> str:
         if refused:
             raise ConfigError(f"{key}={value} is not supported on several processes (torchrun) yet; fix: {key}="
                               f"{fix}, or run on one process")
-    if cfg.method == "qlora" and torch_version() < QLORA_FSDP_TORCH:
-        raise ConfigError(f"method=qlora on several processes needs torch >= {'.'.join(map(str, QLORA_FSDP_TORCH))} "
-                          f"(this is {torch.__version__}: its FSDP2 makes the packed 4-bit shards trainable, which "
-                          "integer tensors cannot be); fix: upgrade torch, or method=lora, or run on one process")
     kind = device_type(cfg)
     if not torch.distributed.is_available():
         raise ConfigError("this torch build has no torch.distributed; fix: install a torch build with it")
@@ -147,24 +132,42 @@ def init_distributed(cfg: TrainConfig, env: DistEnv):
     return device, init_device_mesh(kind, (env.world,))
 
 
-def wrap_fsdp(model: nn.Module, prec: Precision, mesh) -> None:
+def gather_dtype(prec: Precision) -> torch.dtype | None:
+    """The dtype FSDP2 gathers floating parameters in (`MixedPrecisionPolicy.param_dtype`): the compute dtype under
+    an autocast policy, else None (each parameter's own)."""
+    return prec.compute_dtype if prec.autocast else None
+
+
+def storage_dtype(prec: Precision) -> torch.dtype:
+    """The float dtype the bytes of 4-bit layers are stored in under FSDP2 (`quant.shard.to_byte_params`): the one
+    FSDP2 gathers in, so that it never casts them; bf16 where it casts nothing."""
+    return gather_dtype(prec) or torch.bfloat16
+
+
+def wrap_fsdp(model: nn.Module, prec: Precision, mesh, reshard: bool = True) -> None:
     """`fully_shard` each decoder block, the embeddings and the head (each its own group unless tied; a tied pair
     stays in the root's group), then the root; in place.
 
     Mixed precision matches the single-process policy: under bf16-mixed the gathered weights are cast to bf16
-    (`param_dtype`; frozen bf16 and uint8 weights are left alone) and the forward keeps its autocast context; the
-    gradients are reduced in fp32. Gradients are summed over ranks (divide factor 1): the loss is already divided by
-    the global token count. Each block prefetches the next one's all-gather in forward.
+    (`param_dtype`; frozen bf16 weights and the 4-bit layers' bf16-stored bytes are left alone) and the forward keeps
+    its autocast context; the gradients are reduced in fp32. Gradients are summed over ranks (divide factor 1): the
+    loss is already divided by the global token count. Each block prefetches the next one's all-gather in forward.
+
+    Args:
+        reshard: free each group's gathered weights after its forward (gathered again for the backward) - the
+            least memory; False keeps them from the forward to the end of its backward: one all-gather per group and
+            micro-batch instead of two (with gradient checkpointing the recomputation uses them too), for up to the
+            whole model's gathered weights per GPU at the end of the forward (`memory.fsdp` counts it).
     """
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=prec.compute_dtype if prec.autocast else None, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=gather_dtype(prec), reduce_dtype=torch.float32)
     blocks = list(model.model.layers)
     for b in blocks:
-        fully_shard(b, mesh=mesh, mp_policy=mp)
+        fully_shard(b, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     if not model.config.tie_word_embeddings:
-        fully_shard(model.model.embed_tokens, mesh=mesh, mp_policy=mp)
-        fully_shard(model.lm_head, mesh=mesh, mp_policy=mp)
+        fully_shard(model.model.embed_tokens, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(model.lm_head, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     for a, b in zip(blocks, blocks[1:]):
         a.set_modules_to_forward_prefetch([b])
@@ -172,6 +175,16 @@ def wrap_fsdp(model: nn.Module, prec: Precision, mesh) -> None:
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # SUM on gloo too (no PREMUL_SUM / AVG there)
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Free every group's gathered weights: after a forward without backward (evaluation) the root's stay gathered,
+    and with `reshard=False` every group's."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 # ---- data -----------------------------------------------------------------------------------------------------------
