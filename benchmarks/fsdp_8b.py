@@ -66,7 +66,7 @@ def run_keys(a, method: str, model: str, data: Path, out: Path, gpus: int, steps
             f"batch_size={per_micro}", f"grad_accum={accum}", f"max_steps={steps}", "lr=1e-4",
             f"fsdp_reshard={reshard}", "schedule=constant", "warmup_steps=0", "grad_ckpt=true", f"out_dir={out}",
             "progress=false", "plot=false", "save_final=false", "save_every=0", "eval_every=0", f"device={a.device}",
-            "seed=0", f"precision={'bf16-mixed' if a.device == 'cuda' else 'fp32'}",
+            "seed=0", f"precision={a.precision or ('bf16-mixed' if a.device == 'cuda' else 'fp32')}",
             # like for like: FSDP2 steps are eager with the full-logits loss (see slimtune.train.dist_run)
             *([] if a.fast_baseline and gpus == 1 else ["chunked_loss=false", "cuda_graph=off"])]
 
@@ -186,12 +186,15 @@ def main() -> None:
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--huge", default="llama3-70b", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", help="the 1- and 2-GPU runs' shape instead (e.g. tiny on CUDA: a quick numerics check)")
+    ap.add_argument("--precision", help="instead of bf16-mixed on CUDA / fp32 on the CPU (fp32: 1 and 2 GPUs exact)")
     a = ap.parse_args()
     a.device = "cpu" if a.cpu else "cuda"
     a.seq = a.seq or (128 if a.cpu else 2048)
     if a.worker_generated:
         return worker_generated(a)
     big, a.huge = ("tiny", "tiny") if a.cpu else ("llama3-8b", "llama3-70b")
+    big = a.shape or big
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     rows = [int(r) for r in a.rows_per_gpu.split(",")]
