@@ -92,6 +92,28 @@ class Backbone(nn.Module):
         self.norm = make_norm(cfg, cfg.hidden_size)
 
 
+class _Recompute:
+    """A decoder setting of the recomputation (grad_ckpt, mlp_tile, ckpt_blocks): setting it checks the value (a count
+    >= `low`, or None) and re-applies every block's MLP tile."""
+
+    def __init__(self, low: int | None = None, unit: str = "", none: str = "") -> None:
+        self.low, self.unit, self.none = low, unit, none
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.key, self.slot = name, "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self.slot)
+
+    def __set__(self, obj, value) -> None:
+        if self.low is not None and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < self.low):
+            raise ConfigError(f"{self.key} must be a number of {self.unit} >= {self.low} (or None: {self.none}), "
+                              f"got {value!r}")
+        setattr(obj, self.slot, value)
+        obj._set_tiles()
+
+
 class Decoder(nn.Module):
     """A causal language model: `model` (the backbone) and `lm_head` (tied to the embeddings if the config says so).
 
@@ -116,36 +138,9 @@ class Decoder(nn.Module):
         self.kinds = sorted({cfg.layer_type(i) for i in range(cfg.num_hidden_layers)})
         self.reset_rope()
 
-    @property
-    def grad_ckpt(self) -> bool | str:
-        return self._grad_ckpt
-
-    @grad_ckpt.setter
-    def grad_ckpt(self, mode: bool | str) -> None:
-        self._grad_ckpt = mode
-        self._set_tiles()
-
-    @property
-    def mlp_tile(self) -> int | None:
-        return self._mlp_tile
-
-    @mlp_tile.setter
-    def mlp_tile(self, tokens: int | None) -> None:
-        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-            raise ConfigError(f"mlp_tile must be a positive number of tokens (or None: off), got {tokens!r}")
-        self._mlp_tile = tokens
-        self._set_tiles()
-
-    @property
-    def ckpt_blocks(self) -> int | None:
-        return self._ckpt_blocks
-
-    @ckpt_blocks.setter
-    def ckpt_blocks(self, n: int | None) -> None:
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-            raise ConfigError(f"ckpt_blocks must be a number of blocks >= 0 (or None: all), got {n!r}")
-        self._ckpt_blocks = n
-        self._set_tiles()
+    grad_ckpt = _Recompute()
+    mlp_tile = _Recompute(1, "tokens", "off")
+    ckpt_blocks = _Recompute(0, "blocks", "all")
 
     def _set_tiles(self) -> None:
         for i, layer in enumerate(self.model.layers):
