@@ -224,6 +224,8 @@ def test_cuda_without_gpus_and_missing_nccl(model_dir, tmp_path, capsys, monkeyp
         check_distributed(load_config(None, keys(model_dir, out, device="cuda", batch_size=3)), 3, 3)
     for bad, what in (({"method": "dora"}, "method=dora"), ({"use_dora": True}, "use_dora=True"),
                       ({"precision": "fp16-mixed"}, "precision=fp16-mixed"), ({"grad_ckpt": "offload"}, "grad_ckpt"),
-                      ({"method": "qlora", "quant": "int8"}, "quant=int8"), ({"device": "cuda:1"}, "cuda:LOCAL_RANK")):
+                      ({"method": "qlora", "quant": "int8"}, "quant=int8"), ({"device": "cuda:1"}, "cuda:LOCAL_RANK"),
+                      ({"host_embedding": True}, "host_embedding"),
+                      ({"grad_ckpt": True, "ckpt_blocks": "auto"}, "ckpt_blocks=auto")):
         with pytest.raises(ConfigError, match=what):
             check_distributed(load_config(None, keys(model_dir, out, **bad)), 2, 2)

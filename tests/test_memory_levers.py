@@ -158,6 +158,34 @@ def test_finetune_with_both_keys_trains_the_same_losses(model_dir, tmp_path, cap
     plain = _finetune(model_dir, tmp_path / "a", capsys)
     levers = _finetune(model_dir, tmp_path / "b", capsys, "ckpt_blocks=1", "host_embedding=true")
     assert len(plain) == 3 and plain == levers
+    assert _finetune(model_dir, tmp_path / "d", capsys, "ckpt_blocks=auto") == plain  # CPU: no prediction, all blocks
     assert main(["finetune", "method=full", f"model={model_dir}", f"data={sample_path()}", "max_steps=1",
                  f"out_dir={tmp_path / 'c'}", "host_embedding=true", "progress=false"]) == 2
     assert "host_embedding" in capsys.readouterr().err
+
+
+def test_ckpt_blocks_auto_takes_the_fewest_that_fit_the_free_memory(model_dir, tmp_path, monkeypatch):
+    """`ckpt_blocks=auto` on a GPU: the estimator's fewest checkpointed blocks within AUTO_SHARE of the free memory,
+    given to the model; a number or nothing else is refused (the free memory is what torch.cuda reports, set here)."""
+    from slimtune.models.config import ModelConfig
+    from slimtune.train import build
+    from slimtune.train.config import load_config
+
+    cfg = load_config(None, [f"model={model_dir}", f"data={sample_path()}", "method=lora", "grad_ckpt=true",
+                             "ckpt_blocks=auto", "batch_size=64", "max_length=1024", "precision=bf16-mixed"])
+    assert cfg.ckpt_blocks == "auto" and load_config(None, ["data=x", "grad_ckpt=true", "ckpt_blocks=3"]).ckpt_blocks == 3
+    with pytest.raises(ConfigError, match="ckpt_blocks"):
+        load_config(None, ["data=x", "grad_ckpt=true", "ckpt_blocks=most"])
+    mcfg = ModelConfig.from_file(model_dir / "config.json")
+    kw = dict(precision="bf16-mixed", optimizer="adamw", lora_rank=16, quant_format="nf4", gpus=1, mlp_tile=8192,
+              host_embedding=False, fsdp_reshard=True)
+    peaks = [estimate(mcfg, "lora", batch=64, seq=1024, grad_ckpt=True, ckpt_blocks=n, **kw)["total_bytes"]
+             for n in range(3)]  # the model has 2 blocks
+    lines = []
+    for free, want in ((10 * peaks[0], 0), (int((peaks[0] + peaks[1]) / 2 / build.AUTO_SHARE), 1),
+                       (min(peaks) // 2, None)):  # nothing fits: every block checkpointed (and a warning)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 2 * free))
+        e = build.predict_memory(cfg, torch.device("cuda"), lines.append)
+        assert e["ckpt_blocks"] == want, (free, peaks, lines[-2:])
+        assert (e["total_bytes"] <= build.AUTO_SHARE * free) == (want is not None)
+    assert "ckpt_blocks=auto: 1 of 2 blocks checkpointed" in lines and "probably not fit" in lines[-1]

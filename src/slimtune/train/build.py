@@ -66,7 +66,8 @@ def method_config(cfg: TrainConfig):
     return spec.config_cls.from_dict(opts)
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Precision, dict[str, Any]]:
+def build_model(cfg: TrainConfig, device: torch.device, ckpt_blocks: int | None = None
+                ) -> tuple[nn.Module, Precision, dict[str, Any]]:
     """Load the model, apply the method, freeze what it does not train, and cast to the precision policy.
 
     Returns:
@@ -107,7 +108,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Prec
                               "transformers, which checkpoints every block; fix: leave ckpt_blocks out")
         set_grad_ckpt(model, cfg.grad_ckpt)
     else:
-        model.grad_ckpt, model.mlp_tile, model.ckpt_blocks = cfg.grad_ckpt, cfg.mlp_tile or None, cfg.ckpt_blocks
+        model.grad_ckpt, model.mlp_tile = cfg.grad_ckpt, cfg.mlp_tile or None
+        model.ckpt_blocks = ckpt_blocks if cfg.ckpt_blocks == "auto" else cfg.ckpt_blocks  # auto: as predicted
     if cfg.host_embedding:
         keep_embedding_on_host(model)  # after the precision policy, which may cast the table
     return model.train(), prec, trainable_report(model, print_line=False)  # counts quantized weights too
@@ -144,6 +146,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig):
                           offload=cfg.offload_optimizer, stochastic_rounding=cfg.stochastic_rounding)
 
 
+AUTO_SHARE = 0.85  # ckpt_blocks=auto plans for this share of the free memory (the allocator's caching needs the rest)
+
+
 def predict_memory(cfg: TrainConfig, device: torch.device, log: Callable[[str], None], gpus: int = 1) -> dict | None:
     """Before anything is loaded on a GPU: the step's predicted peak (`slimtune.memory.estimate`; per GPU of `gpus`
     under FSDP2) against the free memory, and a warning with the planner's command when it will not fit. None where
@@ -165,12 +170,20 @@ def predict_memory(cfg: TrainConfig, device: torch.device, log: Callable[[str], 
         mcfg = ModelConfig.from_hf(d)
     prec = cfg.precision if cfg.precision != "auto" else "bf16-mixed"
     offload = "optimizer" if cfg.offload_optimizer else "activations" if cfg.offload_activations else None
-    e = estimate(EstimateInput(mcfg, "lora" if cfg.method == "dora" else cfg.method, prec, cfg.optimizer,
-                               cfg.batch_size // gpus, cfg.max_length, cfg.grad_ckpt, offload=offload,
-                               lora_rank=cfg.rank or 16, quant_format=cfg.quant, gpus=gpus,
-                               mlp_tile=cfg.mlp_tile or None, ckpt_blocks=cfg.ckpt_blocks,
-                               host_embedding=cfg.host_embedding, fsdp_reshard=cfg.fsdp_reshard))
+    kw = dict(precision=prec, optimizer=cfg.optimizer, lora_rank=cfg.rank or 16, quant_format=cfg.quant, gpus=gpus,
+              mlp_tile=cfg.mlp_tile or None, host_embedding=cfg.host_embedding, fsdp_reshard=cfg.fsdp_reshard)
+    method, batch = "lora" if cfg.method == "dora" else cfg.method, cfg.batch_size // gpus
     free, _ = torch.cuda.mem_get_info(device)
+    n_ck = cfg.ckpt_blocks
+    if n_ck == "auto":  # the fewest checkpointed blocks whose predicted peak fits AUTO_SHARE of the free memory
+        from slimtune.memory.plan import fewest_ckpt_blocks
+
+        n_ck = fewest_ckpt_blocks(mcfg, int(AUTO_SHARE * free), method, batch, cfg.max_length, kw) \
+            if cfg.grad_ckpt is True and offload is None else None
+        log(f"ckpt_blocks=auto: {'all' if n_ck is None else n_ck} of {mcfg.num_hidden_layers} blocks checkpointed")
+    e = estimate(EstimateInput(mcfg, method, batch=batch, seq=cfg.max_length, grad_ckpt=cfg.grad_ckpt,
+                               offload=offload, ckpt_blocks=n_ck, **kw))
+    e["ckpt_blocks"] = n_ck
     need = e["total_bytes"]
     log(f"predicted peak GPU memory {need / 2**30:.1f} GiB (largest part: {e['dominant']}); {free / 2**30:.1f} GiB "
         "free")

@@ -32,7 +32,6 @@ RESUME_KEYS = ("model", "method", "method_args", "quant", "data", "data_format",
                "mlp_tile", "ckpt_blocks")  # (the tiles set where LoRA dropout draws its masks)
 
 
-
 @dataclass
 class TrainConfig:
     """A fine-tuning run. Method options left at None take the method's own default."""
@@ -64,7 +63,8 @@ class TrainConfig:
     grad_ckpt: bool | str = False  # true: recompute each block in backward; offload: also keep the block inputs in
     # pinned host memory until their backward (the longest sequences)
     mlp_tile: int = MLP_TILE  # grad_ckpt: the MLP of longer sequences runs in pieces of this many tokens; 0: off
-    ckpt_blocks: int | None = None  # grad_ckpt: only the first N blocks (the rest keep activations: faster); None: all
+    ckpt_blocks: int | str | None = None  # grad_ckpt: only the first N blocks (the rest keep activations: faster);
+    # None: all; auto: the fewest that fit in 85% of the free GPU memory by the estimator (one process)
     host_embedding: bool = False  # the frozen token embedding table in pinned host memory, looked up on the CPU
     offload_activations: bool = False
     kernels: str | bool = "auto"  # fused GPU kernels: auto (on CUDA) or off (the PyTorch reference path, for debugging)
@@ -125,9 +125,10 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.ckpt_blocks is not None and (self.ckpt_blocks < 0 or not self.grad_ckpt):
-            raise ConfigError(f"ckpt_blocks={self.ckpt_blocks} needs grad_ckpt=true (or offload) and a count >= 0; fix: "
-                              "set grad_ckpt=true, or leave ckpt_blocks out")
+        if self.ckpt_blocks is not None and (self.ckpt_blocks != "auto" and (isinstance(self.ckpt_blocks, str) or
+                                             self.ckpt_blocks < 0) or not self.grad_ckpt):
+            raise ConfigError(f"ckpt_blocks={self.ckpt_blocks} needs grad_ckpt=true (or offload) and a count >= 0 or "
+                              "auto; fix: set grad_ckpt=true, or leave ckpt_blocks out")
         if self.max_steps is None and self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -90,6 +90,7 @@ def check_distributed(cfg: TrainConfig, world: int, local_world: int) -> str:
           "offload_activations": (cfg.offload_activations, cfg.offload_activations, "false"),
           "grad_ckpt": (cfg.grad_ckpt, cfg.grad_ckpt == "offload", "true or false"),
           "host_embedding": (cfg.host_embedding, cfg.host_embedding, "false"),
+          "ckpt_blocks": (cfg.ckpt_blocks, cfg.ckpt_blocks == "auto", "a number of blocks"),
           "use_dora": (cfg.use_dora, bool(cfg.use_dora or cfg.method_args.get("use_dora")), "false"),
           "modules_to_save": (cfg.method_args.get("modules_to_save"), bool(cfg.method_args.get("modules_to_save")),
                               "none")}

@@ -156,8 +156,8 @@ class Run:
 
     def build(self) -> tuple[nn.Module, Any, dict[str, Any]]:
         """(model, precision, counts): the memory prediction, then `build_model`."""
-        predict_memory(self.cfg, self.device, self.log)
-        return build_model(self.cfg, self.device)
+        e = predict_memory(self.cfg, self.device, self.log)  # (also resolves ckpt_blocks=auto)
+        return build_model(self.cfg, self.device, (e or {}).get("ckpt_blocks"))
 
     def load(self, ckpt: Path, saved: dict[str, Any]) -> dict[str, Any]:
         """Restore from checkpoint folder `ckpt` (whose state.json is `saved`): one written by one process, or a
