@@ -8,7 +8,7 @@ block's unsharded gradients (compute dtype) and their fp32 reduce-scatter copy l
 weights are already in the compute dtype, so autocast makes no copies of them. Activations are those of the rows each
 GPU runs (`batch` is per GPU).
 
-With `fsdp_reshard=false` (the estimate input's `fsdp_reshard`, True where it has no such field) every group stays
+With `fsdp_reshard=false` (the estimate input's `fsdp_reshard`) every group stays
 gathered from its forward to the end of its backward: at the end of the forward and through the loss and the head's
 backward all L blocks, the head and the embeddings are gathered; during block k's backward blocks 0..k (and the
 untied embeddings, freed at the end of the backward).

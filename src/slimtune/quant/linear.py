@@ -106,11 +106,9 @@ class QuantLinear(nn.Module):
         return _QuantMatmul.apply(x, self.bias, self)
 
     def typed(self, name: str) -> Tensor:
-        """Buffer `name` in the codec's dtype and shape. Under FSDP2 the layer holds it as 1-D uint8 parameter bytes
-        (`slimtune.quant.shard`); they are viewed back here, without a copy."""
-        t = getattr(self, name)
-        spec = self.__dict__.get("byte_layout", {}).get(name)
-        return t if spec is None else t.view(spec[0]).view(spec[1])
+        """Buffer `name` in the codec's dtype and shape (under FSDP2, `quant.shard.StoredQuantLinear` views its
+        stored bytes back instead)."""
+        return getattr(self, name)
 
     def _apply(self, fn, recurse=True):
         # packed weights and scales keep their dtypes: `.to(torch.bfloat16)` / `.half()` on the model must not round

@@ -89,7 +89,7 @@ def to_byte_params(model: nn.Module, storage: torch.dtype = torch.bfloat16) -> l
                 continue
             raw = b.reshape(-1).view(torch.uint8)
             layout[k] = (b.dtype, tuple(b.shape), raw.numel())
-            raw = torch.cat([raw, raw.new_zeros(-raw.numel() % storage.itemsize)])  # whole storage elements
+            raw = _padded(raw, -(-raw.numel() // storage.itemsize) * storage.itemsize)  # whole storage elements
             del m._buffers[k]
             m.register_parameter(k, nn.Parameter(raw.view(storage), requires_grad=False))
         m.byte_layout = layout

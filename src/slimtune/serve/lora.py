@@ -48,19 +48,6 @@ def lora_grouped(x: Tensor, other: Tensor, A_cat: Tensor, Bs: Sequence[Tensor], 
             for g, (B, y) in enumerate(zip(Bs, ys))]  # (N*T, R) @ (R, out_g), strided columns of xa: no copy
 
 
-def lora_dense(x: Tensor, own: Tensor, A: Tensor, B: Tensor, y: Tensor) -> Tensor:
-    """y + sum over slots s of [row's slot == s] * (x A_s^T) B_s for one projection (`lora_grouped` with G = 1).
-
-    Args:
-        x: (N, T, in); own: (N, S*r) bool, True on the r columns of the row's slot; A: (S, r, in); B: (S, r, out);
-        y: (N, T, out), the base output.
-    Returns:
-        (N, T, out).
-    """
-    S, r, _ = A.shape
-    return lora_grouped(x, ~own, A.reshape(S * r, -1), [B], [y])[0]
-
-
 def lora_gather(x: Tensor, ids: Tensor, A: Tensor, B: Tensor, y: Tensor) -> Tensor:
     """y + (x A_{ids}^T) B_{ids} with each row's factors gathered: x (N, T, in), ids (N,), y (N, T, out)."""
     return torch.baddbmm(y, torch.bmm(x, A[ids].transpose(1, 2)), B[ids])  # (N, T, r), then (N, T, out)
@@ -75,7 +62,6 @@ class LoraContext:
             raise ConfigError(f"unknown LoRA mode {mode!r}; choose one of {', '.join(LORA_MODES)}")
         self.slots, self.rank, self.mode = slots, rank, mode
         self.ids = torch.zeros(1, dtype=torch.long)
-        self._own: Tensor | None = None
         self._other: Tensor | None = None
 
     @property
@@ -83,13 +69,7 @@ class LoraContext:
         return self.mode == "dense" or (self.mode == "auto" and self.slots <= DENSE_MAX_SLOTS)
 
     def begin(self, ids: Tensor) -> None:
-        self.ids, self._own, self._other = ids, None, None
-
-    def own(self) -> Tensor:
-        """(N, slots*rank) bool: True on the columns of each row's slot."""
-        if self._own is None:
-            self._own = ~self.other()
-        return self._own
+        self.ids, self._other = ids, None
 
     def other(self) -> Tensor:
         """(N, slots*rank) bool: True on the columns of the slots that are not the row's (what dense mode masks)."""
