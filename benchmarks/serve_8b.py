@@ -23,6 +23,7 @@ import json
 import tempfile
 import threading
 import time
+import sys
 from pathlib import Path
 
 import torch
@@ -164,7 +165,23 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main():
+def missed(rows: list[dict], target: float) -> list[str]:
+    """The (concurrency, mode) pairs whose mixed-adapter tokens/s fall below `target` x the base's (issue 15: 0.8)."""
+    get = {(r["case"], r["concurrency"]): r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
+    return [f"{c} at {conc}: {t / get['base', conc]:.3f}" for (c, conc), t in get.items()
+            if c.startswith("mixed") and c.endswith("/dense") and ("base", conc) in get
+            and t < target * get["base", conc]]
+
+
+def report(rows: list[dict], target: float) -> int:
+    """Print the table and the target's verdict; the exit status: 1 when a dense mixed row misses the target."""
+    print(table(rows))
+    bad = missed(rows, target)
+    print(f"target mixed/base >= {target}: " + ("missed: " + "; ".join(bad) if bad else "met"))
+    return 1 if bad else 0
+
+
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--model", help="a model folder instead of random weights of --shape")
@@ -182,12 +199,12 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="skip transformers and PEFT")
     ap.add_argument("--budget-s", type=float, default=330, help="start no transformers / PEFT row after this long")
     ap.add_argument("--quick", action="store_true", help="a smoke run: concurrency 4,16, 32 + 16 tokens")
+    ap.add_argument("--target", type=float, default=0.8, help="exit 1 when mixed-N/dense runs below this x base")
     a = ap.parse_args()
     if a.tabulate:
         rows = [json.loads(line) for f in a.tabulate for line in Path(f).read_text().splitlines()
                 if line.startswith("{") and '"case"' in line]
-        print(table(rows))
-        return
+        return report(rows, a.target)
     if a.quick:
         a.concurrency, a.prompt_len, a.new, a.requests_per_client = "4,16", 32, 16, 1
     a.concurrency = [int(c) for c in a.concurrency.split(",")]
@@ -225,7 +242,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         run_cases(model, tok, a, prompts, make_adapters(model, Path(tmp), a.adapters, a.rank), dev, emit)
     print(json.dumps({"total_s": round(time.perf_counter() - T0), **info}) + "\n")
-    print(table(rows))
+    return report(rows, a.target) if dev.type == "cuda" else (print(table(rows)) or 0)  # CPU smoke: no target
 
 
 def run_cases(model, tok, a, prompts, dirs, dev, emit) -> None:
@@ -268,4 +285,4 @@ def run_cases(model, tok, a, prompts, dirs, dev, emit) -> None:
         attempt(f"peft-mixed-{a.adapters}", lambda: run_peft(hf, dirs, names, a, prompts, dev, emit))
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -41,3 +41,4 @@ for l in open(sys.argv[1]):
     print(r.get("stack"), r.get("mode"), "b", r.get("batch"), "seq", r.get("seq"), "k", r.get("kernels", "-"),
           "tok/s", r.get("tokens_per_s"), "GiB", r.get("peak_gib"), r.get("error", ""))
 PY
+python3 benchmarks/targets.py --vs "$OUT/results.jsonl" | tee -a "$OUT/log.txt"  # issues 11 / 12: one verdict each

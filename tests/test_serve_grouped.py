@@ -151,3 +151,22 @@ def test_whole_model_logits_grouped_equal_per_layer(factors, spy, monkeypatch):
         assert {3, 2, 1} <= set(spy)  # q,k,v and gate,up grouped; o and down alone
         monkeypatch.delattr(MultiLoraLinear, "group_forward")  # `project` runs the layers one by one
         assert torch.allclose(grouped, model(tok), atol=1e-5)
+
+
+def test_serve_benchmark_checks_the_target_on_recorded_runs():
+    """`serve_8b.py --tabulate` exits 1 when a dense mixed-adapter row is below 0.8 x the base: the first H200 call
+    (per-layer LoRA, 0.797 at 16) misses, the grouped one (0.864 / 0.935 / 0.969) meets it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    runs = root / "benchmarks" / "runs"
+
+    def check(*files: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(root / "benchmarks" / "serve_8b.py"), "--tabulate",
+                               *(str(runs / f) for f in files)], capture_output=True, text=True, timeout=120)
+    first = check("2026-11-30-serve.txt")
+    assert first.returncode == 1 and "mixed-8/dense at 16: 0.797" in first.stdout
+    latest = check("2026-11-30-serve-grouped.txt", "2026-11-30-serve-grouped-c16.txt")
+    assert latest.returncode == 0 and latest.stdout.rstrip().endswith("met"), latest.stdout + latest.stderr

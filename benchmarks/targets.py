@@ -1,0 +1,70 @@
+"""The side-by-side targets of issues 11 and 12, checked on the JSON lines of one device call: `vs_unsloth.sh`'s
+results.jsonl (slimtune, Unsloth, transformers + PEFT on one checkpoint) and/or `long_context.py`'s lines (the
+longest sequence each stack trains). Prints one verdict per target; exit status 1 when one is missed.
+
+    python benchmarks/targets.py --vs runs/2026-11-30-vs_unsloth-levers.jsonl --long runs/...capped16.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BEFORE_ISSUE_11_PEAK = 9.31  # GiB: slimtune's QLoRA batch-1 peak before issue 11 (vs_unsloth.md, first call)
+
+
+def lines(path: str) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.startswith("{")]
+
+
+def vs_targets(rows: list[dict]) -> list[tuple[str, float, bool]]:
+    """(target, measured ratio, met) of one vs_unsloth call; a target whose rows are absent is left out."""
+    def best(stack: str, mode: str, batch: int, key: str, pick=max, peak_cap: float | None = None):
+        vals = [r[key] for r in rows if r.get("stack", "").startswith(stack) and r.get("mode") == mode
+                and r.get("batch") == batch and r.get(key) is not None
+                and (peak_cap is None or r.get("peak_gib", 0) <= peak_cap)]
+        return pick(vals) if vals else None
+
+    out = []
+    uns1, uns1_peak = best("unsloth", "qlora", 1, "tokens_per_s"), best("unsloth", "qlora", 1, "peak_gib")
+    st1 = best("slimtune", "qlora", 1, "tokens_per_s", peak_cap=BEFORE_ISSUE_11_PEAK)
+    if uns1 and st1:
+        out.append(("11: QLoRA b1 tokens/s >= 1.3x Unsloth (peak <= 9.31 GiB)", st1 / uns1, st1 >= 1.3 * uns1))
+    low = best("slimtune", "qlora", 1, "peak_gib", pick=min)
+    if uns1_peak and low:
+        out.append(("12: QLoRA b1 2k peak <= 0.9x Unsloth's", low / uns1_peak, low <= 0.9 * uns1_peak))
+    uns4, st4 = best("unsloth", "qlora", 4, "tokens_per_s"), best("slimtune", "qlora", 4, "tokens_per_s")
+    if uns4 and st4:
+        out.append(("11: QLoRA b4 tokens/s >= 1.15x Unsloth", st4 / uns4, st4 >= 1.15 * uns4))
+    hf_peak = best("transformers", "lora", 1, "peak_gib")
+    hf, st = best("transformers", "lora", 1, "tokens_per_s"), best("slimtune", "lora", 1, "tokens_per_s",
+                                                                  peak_cap=hf_peak)
+    if hf and st:
+        out.append(("11: LoRA bf16 b1 >= 2.5x transformers + PEFT (no more memory)", st / hf, st >= 2.5 * hf))
+    return out
+
+
+def long_targets(rows: list[dict]) -> list[tuple[str, float, bool]]:
+    """The longest sequence that trained, slimtune against Unsloth (issue 12: >= 1.5x)."""
+    longest = {s: max((r["seq"] for r in rows if r.get("stack") == s and r.get("ok")), default=0)
+               for s in ("slimtune", "unsloth")}
+    if not all(longest.values()):
+        return []
+    ratio = longest["slimtune"] / longest["unsloth"]
+    return [("12: longest QLoRA sequence >= 1.5x Unsloth's", ratio, ratio >= 1.5)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--vs", help="vs_unsloth.sh's results.jsonl of one call")
+    ap.add_argument("--long", help="long_context.py's JSON lines of one call (both stacks)")
+    a = ap.parse_args()
+    verdicts = (vs_targets(lines(a.vs)) if a.vs else []) + (long_targets(lines(a.long)) if a.long else [])
+    for name, ratio, met in verdicts:
+        print(f"{'met   ' if met else 'MISSED'} {ratio:6.3f}  {name}")
+    return 0 if verdicts and all(met for _, _, met in verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
