@@ -21,6 +21,7 @@ def test_recorded_calls_against_the_targets():
                       "--long", str(RUNS / "2026-11-30-long_context_capped16.jsonl"))
     assert latest["12: QLoRA b1 2k peak <= 0.9x Unsloth's"] == ("met", 0.853)
     assert latest["12: longest QLoRA sequence >= 1.5x Unsloth's"] == ("met", 2.0)
+    assert latest["12: offloaded checkpointing's last loss within 1e-2 of plain checkpointing (bf16)"] == ("met", 0.001)
     assert latest["11: QLoRA b1 tokens/s >= 1.3x Unsloth (peak <= 9.31 GiB)"][0] == "met"
     assert latest["11: LoRA bf16 b1 >= 2.5x transformers + PEFT (no more memory)"] == ("MISSED", 2.344)
     first = verdicts("--vs", str(RUNS / "2026-11-30-vs_unsloth.jsonl"))
