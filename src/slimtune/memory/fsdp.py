@@ -22,10 +22,11 @@ from slimtune.quant.codecs import get_codec
 
 def _gathered(p, b, e) -> int:
     """Bytes of parameter `p` once all-gathered: packed bytes if quantized, else its storage or, under autocast
-    (FSDP2's param_dtype), the compute dtype."""
+    (FSDP2's param_dtype; a 4-bit base gathers everything uncast: `train.distributed.gather_dtype`), the compute
+    dtype."""
     if b.qfmt and p.kind == "linear":
         return get_codec(b.qfmt).nbytes(p.shape[0], p.shape[1], e.quant_group, e.double_quant)
-    return p.numel * (b.cb if b.autocast else b.wb)
+    return p.numel * (b.cb if b.autocast and not b.qfmt else b.wb)
 
 
 def shard_over_gpus(e, b, P, persistent: dict[str, int], phases: dict[str, dict[str, int]],
@@ -40,7 +41,8 @@ def shard_over_gpus(e, b, P, persistent: dict[str, int], phases: dict[str, dict[
     """
     W, L = e.gpus, e.cfg.num_hidden_layers
     keep = not e.fsdp_reshard
-    adapter_b = b.cb if b.autocast else b.ab
+    cast = b.autocast and not b.qfmt  # FSDP2 casts what it gathers (param_dtype) only then
+    adapter_b = b.cb if cast else b.ab
     blk0 = [(n, s) for (n, s), o in zip(P.trainable, owners) if o == 0]
     block = sum(_gathered(p, b, e) for p in P.table if p.layer == 0)
     if e.method != "full":
@@ -49,13 +51,13 @@ def shard_over_gpus(e, b, P, persistent: dict[str, int], phases: dict[str, dict[
     root = sum(_gathered(p, b, e) for p in P.table if p.name == "model.norm.weight" or tied and p.kind == "embed")
     head = sum(_gathered(p, b, e) for p in P.table if p.kind == "head")
     embed = sum(_gathered(p, b, e) for p in P.table if p.kind == "embed") if not tied else 0
-    grad_b = b.cb if b.autocast else None
-    g_unsharded = sum(n * ((grad_b or s) + 4) for n, s in blk0)  # dW in the compute dtype + its fp32 reduce copy
+    grad_b = b.cb if cast else None
+    g_unsharded = sum(n * ((grad_b or s) + 4) for n, s in blk0)  # dW in the gathered dtype + the fp32 reduce input
     for k in ("weights", "trainable", "optimizer"):
         persistent[k] = -(-persistent[k] // W)
     for name, comp in phases.items():
         comp["gradients"] = -(-comp["gradients"] // W)
-        if b.autocast:
+        if cast:
             comp["autocast_copies"] = 0
         held = root if name != "optimizer_step" else 0
         if keep and name == "backward_end":

@@ -3,11 +3,13 @@ holding their bytes (FSDP2 shards parameters, not buffers), and the bytes of one
 quantized from only the rows that rank reads.
 
 Why bytes in a float dtype (bitsandbytes' `quant_storage`): FSDP2 shards any parameter along dim 0, but torch 2.11's
-creates each shard as a trainable `nn.Parameter` (refused for integer tensors), and its `MixedPrecisionPolicy` casts
-every parameter whose dtype differs from `param_dtype` - uint8 bytes and fp32 scales would be rounded as numbers.
-Stored in the dtype FSDP2 gathers in (`param_dtype`, or any float one where it casts nothing), nothing is ever cast:
-the all-gather moves the bytes as they are, fp32 scales (`absmax`, `nested_offset`) stay exact. Each tensor's bytes
-are zero-padded to whole storage elements (at most itemsize - 1 bytes); 0-dim tensors become 1-D. A tensor subclass
+creates each shard as a trainable `nn.Parameter` (refused for integer tensors). Why fp32: bytes must never pass
+through a conversion. FSDP2's `MixedPrecisionPolicy` casts every parameter whose dtype differs from `param_dtype`
+(so a model with these layers is gathered with `param_dtype=None`: `train.distributed.gather_dtype`), and CUDA's
+foreach copy, which fills the all-gather buffer, computes a 16-bit tensor in fp32 and rounds back: a byte pair that
+reads as a bf16 NaN comes out as the canonical NaN (bf16 storage shifted the 8B-shape loss by 4.6e-2 on two GPUs).
+fp32 copies move the bits unchanged, and a group of mixed dtypes is gathered as raw uint8. Each tensor's bytes are
+zero-padded to whole storage elements (at most itemsize - 1 bytes); 0-dim tensors become 1-D. A tensor subclass
 (torchao's NF4Tensor) would have to implement the aten ops FSDP2 applies to shards for no gain here.
 `StoredQuantLinear.typed(name)` views the gathered storage back as the codec's tensor (uint8 view, the padding cut,
 then the codec's dtype and shape: no copy), so `FourBitCodec.dequantize` - and any kernel behind it - reads exactly
@@ -61,13 +63,13 @@ class StoredQuantLinear(QuantLinear):
                 self._parameters[k] = nn.Parameter(self._parameters[k].view(p.dtype), requires_grad=False)
 
 
-def to_byte_params(model: nn.Module, storage: torch.dtype = torch.bfloat16) -> list[str]:
+def to_byte_params(model: nn.Module, storage: torch.dtype = torch.float32) -> list[str]:
     """Turn every QuantLinear's buffers into frozen 1-D parameters of the float dtype `storage` holding their bytes
     (row-major, zero-padded to whole elements), in place; each layer becomes a `StoredQuantLinear` recording every
     tensor's dtype, shape and byte count in `byte_layout`. Works on the meta device.
 
     Args:
-        storage: the dtype FSDP2 gathers the layer's group in (its `param_dtype`), so that it casts nothing.
+        storage: the float dtype holding the bytes (fp32: see the module docstring; others for tests).
     Returns:
         the converted layers' names.
     Raises:

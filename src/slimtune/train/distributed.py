@@ -133,16 +133,18 @@ def init_distributed(cfg: TrainConfig, env: DistEnv):
     return device, init_device_mesh(kind, (env.world,))
 
 
-def gather_dtype(prec: Precision) -> torch.dtype | None:
+def gather_dtype(prec: Precision, quantized: bool = False) -> torch.dtype | None:
     """The dtype FSDP2 gathers floating parameters in (`MixedPrecisionPolicy.param_dtype`): the compute dtype under
-    an autocast policy, else None (each parameter's own)."""
-    return prec.compute_dtype if prec.autocast else None
+    an autocast policy, else None (each parameter's own).
 
-
-def storage_dtype(prec: Precision) -> torch.dtype:
-    """The float dtype the bytes of 4-bit layers are stored in under FSDP2 (`quant.shard.to_byte_params`): the one
-    FSDP2 gathers in, so that it never casts them; bf16 where it casts nothing."""
-    return gather_dtype(prec) or torch.bfloat16
+    A model with 4-bit layers (`quantized`) gets None under every policy: its frozen base is already in the compute
+    dtype and the adapters' fp32 masters are cast by the forward's autocast, as on one GPU. Gathering in bf16 would
+    copy the stored bytes through CUDA's foreach copy, which computes in fp32 and rounds back, turning every byte pair
+    that reads as a bf16 NaN into the canonical NaN (about 1 pair in 256 of random 4-bit codes: measured as a 4.6e-2
+    loss shift on the 8B shape). With each parameter's own dtype a group of mixed dtypes is gathered as raw bytes
+    (uint8), and fp32 copies move bits unchanged.
+    """
+    return prec.compute_dtype if prec.autocast and not quantized else None
 
 
 def wrap_fsdp(model: nn.Module, prec: Precision, mesh, reshard: bool = True) -> None:
@@ -150,8 +152,8 @@ def wrap_fsdp(model: nn.Module, prec: Precision, mesh, reshard: bool = True) -> 
     stays in the root's group), then the root; in place.
 
     Mixed precision matches the single-process policy: under bf16-mixed the gathered weights are cast to bf16
-    (`param_dtype`; frozen bf16 weights and the 4-bit layers' bf16-stored bytes are left alone) and the forward keeps
-    its autocast context; the gradients are reduced in fp32. Gradients are summed over ranks (divide factor 1): the
+    (`param_dtype`; frozen bf16 weights are left alone; with 4-bit layers nothing is cast, see `gather_dtype`) and the
+    forward keeps its autocast context; the gradients are reduced in fp32. Gradients are summed over ranks (divide factor 1): the
     loss is already divided by the global token count. Each block prefetches the next one's all-gather in forward.
 
     Args:
@@ -162,7 +164,10 @@ def wrap_fsdp(model: nn.Module, prec: Precision, mesh, reshard: bool = True) -> 
     """
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=gather_dtype(prec), reduce_dtype=torch.float32)
+    from slimtune.quant.shard import StoredQuantLinear
+
+    quantized = any(isinstance(m, StoredQuantLinear) for m in model.modules())
+    mp = MixedPrecisionPolicy(param_dtype=gather_dtype(prec, quantized), reduce_dtype=torch.float32)
     blocks = list(model.model.layers)
     for b in blocks:
         fully_shard(b, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)

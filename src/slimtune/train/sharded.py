@@ -24,7 +24,7 @@ from slimtune.quant.linear import QuantLinear, prepare_quantized
 from slimtune.quant.shard import chunk_range, fourbit_shard, to_byte_params
 from slimtune.train.build import method_config
 from slimtune.train.config import TrainConfig
-from slimtune.train.distributed import DistEnv, agreed, gather_pieces, storage_dtype, wrap_fsdp
+from slimtune.train.distributed import DistEnv, agreed, gather_pieces, wrap_fsdp
 
 
 class TensorSource:
@@ -171,7 +171,7 @@ def build_sharded(cfg: TrainConfig, prec: Precision, device: torch.device, mesh,
     starts = _adapter_starts(model, init, device)
     agreed(lambda: _check_source(model, src, set(starts)), env.rank, env.world)
     quant = {path: m for path, m in model.named_modules() if isinstance(m, QuantLinear)}
-    to_byte_params(model, storage_dtype(prec))  # (bytes in the dtype FSDP2 gathers in: never cast)
+    to_byte_params(model)  # fp32 storage, gathered uncast (train.distributed.gather_dtype)
     model.grad_ckpt, model.mlp_tile, model.ckpt_blocks = cfg.grad_ckpt, cfg.mlp_tile or None, cfg.ckpt_blocks
     wrap_fsdp(model, prec, mesh, cfg.fsdp_reshard)
     model.to_empty(device=device)
