@@ -1,8 +1,10 @@
-"""The side-by-side targets of issues 11 and 12, checked on the JSON lines of one device call: `vs_unsloth.sh`'s
-results.jsonl (slimtune, Unsloth, transformers + PEFT on one checkpoint) and/or `long_context.py`'s lines (the
-longest sequence each stack trains). Prints one verdict per target; exit status 1 when one is missed.
+"""The side-by-side targets of issues 11, 12 and 13, checked on the JSON lines of one device call: `vs_unsloth.sh`'s
+results.jsonl (slimtune, Unsloth, transformers + PEFT on one checkpoint), `long_context.py`'s lines (the longest
+sequence each stack trains) and/or `fsdp_8b.py`'s output (1 and 2 GPUs of one machine). Prints one verdict per
+target; exit status 1 when one is missed.
 
     python benchmarks/targets.py --vs runs/2026-11-30-vs_unsloth-levers.jsonl --long runs/...capped16.jsonl
+    python benchmarks/targets.py --fsdp runs/2026-11-30-fsdp_qlora_fp32storage_x2.txt
 """
 from __future__ import annotations
 
@@ -61,12 +63,35 @@ def long_targets(rows: list[dict]) -> list[tuple[str, float, bool]]:
     return [("12: longest QLoRA sequence >= 1.5x Unsloth's", ratio, ratio >= 1.5)]
 
 
+def fsdp_targets(rows: list[dict]) -> list[tuple[str, float, bool]]:
+    """Issue 13 per method of the 8B shape: the best 2-GPU speedup over the 1-GPU run of the same rows per GPU
+    (>= 1.85x), the largest loss difference over those pairs' steps (bf16: <= 1e-2, two reduction orders); the
+    70B-shape peak against its prediction (within 10%)."""
+    out = []
+    for method in ("lora", "qlora"):
+        pairs = [(one, two) for one in rows for two in rows if one.get("gpus") == 1 and two.get("gpus") == 2
+                 and one["run"] == two["run"] and one["run"].startswith(f"llama3-8b {method} ")]
+        if not pairs:
+            continue
+        speed = max(two["tokens_per_s"] / one["tokens_per_s"] for one, two in pairs)
+        out.append((f"13: {method} 8B on 2 GPUs >= 1.85x one GPU", speed, speed >= 1.85))
+        diff = max(abs(a - b) for one, two in pairs for a, b in zip(one["losses"], two["losses"], strict=True))
+        out.append((f"13: {method} 8B losses of 2 GPUs within 1e-2 of one GPU", diff, diff <= 1e-2))
+    for r in rows:
+        if r.get("run", "").startswith("llama3-70b") and r.get("predicted_gib"):
+            err = r["peak_gib"] / r["predicted_gib"] - 1
+            out.append(("13: 70B-shape QLoRA peak within 10% of the prediction", err, abs(err) <= 0.10))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vs", help="vs_unsloth.sh's results.jsonl of one call")
     ap.add_argument("--long", help="long_context.py's JSON lines of one call (both stacks)")
+    ap.add_argument("--fsdp", help="fsdp_8b.py's output of one call (its JSON lines)")
     a = ap.parse_args()
-    verdicts = (vs_targets(lines(a.vs)) if a.vs else []) + (long_targets(lines(a.long)) if a.long else [])
+    verdicts = (vs_targets(lines(a.vs)) if a.vs else []) + (long_targets(lines(a.long)) if a.long else []) + (
+        fsdp_targets(lines(a.fsdp)) if a.fsdp else [])
     for name, ratio, met in verdicts:
         print(f"{'met   ' if met else 'MISSED'} {ratio:6.3f}  {name}")
     return 0 if verdicts and all(met for _, _, met in verdicts) else 1

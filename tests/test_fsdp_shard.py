@@ -210,7 +210,8 @@ def test_fsdp2_gathers_the_stored_bytes_exactly_on_cuda(tmp_path, ours):
         to_byte_params(model, storage)
         fully_shard(model, mesh=init_device_mesh("cuda", (1,)), mp_policy=MixedPrecisionPolicy(param_dtype))
         model.unshard()
-        same = [torch.equal(q.typed(k).view(torch.uint8), b.view(torch.uint8)) for k, b in ref.named_buffers()]
+        same = [torch.equal(q.typed(k).reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+                for k, b in ref.named_buffers()]
         assert all(same) == ours, same
         if ours:
             x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
