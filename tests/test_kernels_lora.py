@@ -1,7 +1,8 @@
 """The LoRA autograd Function: forward and every gradient (x, each A, each B, bias) against autograd over the plain
 math in float64 (1e-12), against today's LoraLinear over QuantLinear in fp32 (1e-5) and bf16 (2e-2 of the fp64
 truth); several projections with different ranks sharing x; the op structure (one base matmul, one x A_cat^T); the
-dropout fallback; DoRA and plain layers."""
+dropout fallback; DoRA and plain layers; `base_last` (the base product in a node of its own that saves nothing)
+against the same float64 truth, for dense, per-projection and dequantized bases."""
 import pytest
 import torch
 from kernel_helpers import rel
@@ -52,6 +53,32 @@ def test_float64_against_autograd(lead):
     assert y.shape == (*lead, sum(PARTS)) and rel(y, want) < 1e-12
     for got, ref in zip(_grads(y, params, g), _grads(want, params, g)):
         assert rel(got, ref) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["dense", "split", "callable"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_base_last_against_float64(kind, dropout):
+    torch.manual_seed(1)
+    d, f64 = 10, torch.float64
+    x = torch.randn(2, 5, d, dtype=f64, requires_grad=True)
+    W = torch.randn(sum(PARTS), d, dtype=f64)
+    b = torch.randn(sum(PARTS), dtype=f64, requires_grad=True)
+    ads = _factors(PARTS, d, [(0, 2), (1, 3), (2, 1)], f64)
+    params = [x, b] + [a[0] for a in ads] + [a[1] for a in ads]
+    weight = {"dense": W, "split": list(W.split(PARTS)), "callable": lambda dt: W.to(dt)}[kind]
+    outs = []
+    for base_last in (True, False):
+        torch.manual_seed(5)  # the same dropout masks
+        y = lora_linear(x, weight, b, ads, PARTS, dropout, True, base_last)
+        g = torch.randn_like(y, generator=torch.Generator().manual_seed(2))
+        outs.append((y, _grads(y, params, g)))
+    torch.manual_seed(5)
+    want = lora_linear_reference(x, W, b, ads, PARTS, dropout, True)
+    want_grads = _grads(want, params, g)
+    for y, grads in outs:
+        assert rel(y, want) < 1e-12
+        for got, ref in zip(grads, want_grads, strict=True):
+            assert rel(got, ref) < 1e-12
 
 
 class _Ops(TorchDispatchMode):

@@ -1,11 +1,13 @@
 """Activation checkpointing of the decoder blocks: the offloaded form (block inputs in host memory, recomputed in a
 reentrant backward) gives bitwise the gradients of PyTorch's non-reentrant checkpoint on the CPU, with dropout (its
-RNG replayed), with a first block whose input needs no gradient, for LoRA and full fine-tuning, and through the loop."""
+RNG replayed), with a first block whose input needs no gradient, for LoRA and full fine-tuning, and through the loop;
+under plain checkpointing the recompute stops before the down projection's base product (`base_last`)."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from slimtune.models.decoder import Decoder, init_weights
 from slimtune.models.shapes import get_shape
@@ -50,6 +52,48 @@ def test_offloaded_checkpoint_equals_plain_checkpoint_bitwise(lora):
         assert torch.equal(ref[n], off[n]), n
         torch.testing.assert_close(none[n], ref[n], rtol=1e-5, atol=1e-6)  # and both agree with no checkpointing
     assert torch.equal(loss_none, loss_ref)
+
+
+class _DownProducts(TorchDispatchMode):
+    """Counts the products (M, f) @ (f, d): the down projections' base matmuls (forward and recompute) and the
+    gate / up input gradients (g (M, f) @ W (f, d), backward)."""
+
+    def __init__(self, f: int, d: int) -> None:
+        super().__init__()
+        self.f, self.d, self.n = f, d, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        i = {torch.ops.aten.mm.default: 0, torch.ops.aten.addmm.default: 1, torch.ops.aten.addmm_.default: 1}.get(func)
+        if i is not None and args[i].shape[-1] == self.f and args[i + 1].shape[-1] == self.d:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_recompute_skips_the_down_base_product():
+    """Fused LoRA projections (kernels forced on): with base_last the checkpoint's recompute, which stops at the last
+    saved tensor, never runs the down projection's base matmul - L products fewer - and the gradients (dropout
+    masks replayed) are those of the plain order."""
+    from slimtune import kernels
+
+    with kernels.use("on"):
+        m = model(True)
+        L, f, d = m.config.num_hidden_layers, m.config.intermediate_size, m.config.hidden_size
+        with _DownProducts(f, d) as last:
+            loss_last, g_last = grads(m, True)
+        assert all(layer.mlp.base_last for layer in m.model.layers)
+        m._set_tiles = lambda: None  # keep base_last off for the next run
+        for layer in m.model.layers:
+            layer.mlp.base_last = False
+        with _DownProducts(f, d) as first:
+            loss_first, g_first = grads(m, True)
+    assert first.n - last.n == L > 0
+    torch.testing.assert_close(loss_last, loss_first, rtol=1e-6, atol=1e-6)
+    assert set(g_last) == set(g_first)
+    for n in g_first:
+        torch.testing.assert_close(g_last[n], g_first[n], rtol=1e-5, atol=1e-6)
+    m2 = model(False)
+    m2.grad_ckpt = "offload"  # the reentrant form reruns whole blocks: nothing to gain, the plain order
+    assert not any(layer.mlp.base_last for layer in m2.model.layers)
 
 
 def test_host_buffers_are_reused_across_steps():

@@ -121,7 +121,8 @@ class Decoder(nn.Module):
     waiting in pinned host memory); see `recompute.py`. `mlp_tile`: under grad_ckpt, the MLPs of sequences longer
     than this many tokens run in pieces of it (`layers.MLP.tile`); None: never. `ckpt_blocks`: checkpoint only the
     first N blocks (None: all); the later ones keep their activations (faster, more memory). Setting any of them
-    updates every block's MLP (`mlp.tile` = mlp_tile in the checkpointed blocks, else None).
+    updates every block's MLP (`mlp.tile` = mlp_tile in the checkpointed blocks, else None; `mlp.base_last` in the
+    blocks checkpointed with grad_ckpt=True).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -144,7 +145,9 @@ class Decoder(nn.Module):
 
     def _set_tiles(self) -> None:
         for i, layer in enumerate(self.model.layers):
-            layer.mlp.tile = self._mlp_tile if checkpointed(i, self._grad_ckpt, self._ckpt_blocks) else None
+            mode = checkpointed(i, self._grad_ckpt, self._ckpt_blocks)
+            layer.mlp.tile = self._mlp_tile if mode else None
+            layer.mlp.base_last = mode is True  # a non-reentrant recompute then stops before the down's base product
 
     # ---- positions and masks ------------------------------------------------------------------------------------
     def reset_rope(self) -> None:

@@ -65,6 +65,7 @@ class MLP(nn.Module):
     """
 
     tile: int | None = None
+    base_last: bool = False  # the down projection's frozen base product after its adapters (`kernels.lora`)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -108,6 +109,6 @@ class MLP(nn.Module):
         elif hasattr(self, "gate_proj"):
             gate, up = project(x, [self.gate_proj, self.up_proj])  # (..., f) each
         else:
-            return project(self.act(self.up_proj(x)), [self.down_proj])[0]
+            return project(self.act(self.up_proj(x)), [self.down_proj], self.base_last)[0]
         h = swiglu(gate, up) if self.act is F.silu else self.act(gate) * up
-        return project(h, [self.down_proj])[0]
+        return project(h, [self.down_proj], self.base_last)[0]

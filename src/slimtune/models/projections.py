@@ -62,8 +62,9 @@ def stacked_weight(layers: Sequence[nn.Module]) -> Callable[[torch.dtype], Tenso
     return load
 
 
-def project(x: Tensor, layers: Sequence[nn.Module]) -> list[Tensor]:
-    """The outputs of `layers` (LoRA-wrapped or plain linears sharing the input x), fused where possible.
+def project(x: Tensor, layers: Sequence[nn.Module], base_last: bool = False) -> list[Tensor]:
+    """The outputs of `layers` (LoRA-wrapped or plain linears sharing the input x), fused where possible;
+    `base_last`: the fused path computes the frozen base product after the adapters (`kernels.lora`).
 
     Returns:
         one (..., out_features) tensor per layer.
@@ -94,5 +95,5 @@ def project(x: Tensor, layers: Sequence[nn.Module]) -> list[Tensor]:
         bias = torch.cat([b if b is not None else x.new_zeros(m.out_features) for b, m in zip(biases, bases)])
     parts = [m.out_features for m in bases]
     training = any(m.training for m in layers)
-    y = lora_linear(x, weight, bias, adapters, parts, drops.pop() if drops else 0.0, training)
+    y = lora_linear(x, weight, bias, adapters, parts, drops.pop() if drops else 0.0, training, base_last and training)
     return list(y.split(parts, -1))
