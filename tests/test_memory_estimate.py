@@ -306,6 +306,13 @@ H200_PEAKS = [
     (dict(method="qlora", batch=4, seq=2048, grad_ckpt=True, ckpt_blocks=16), 26.74),
     (dict(method="lora", batch=1, seq=2048, grad_ckpt=True, ckpt_blocks=22), 19.20),
     (dict(method="lora", batch=1, seq=2048, grad_ckpt=False), 25.53),
+    # third session (runs/2026-11-30-vs_unsloth-base_last.jsonl, runs/2026-11-30-fsdp_qlora_fp32storage_x2.txt),
+    # predicted before the calls
+    (dict(method="lora", batch=1, seq=2048, grad_ckpt=True, ckpt_blocks=18, host_embedding=True), 19.37),
+    (dict(method="lora", batch=1, seq=2048, grad_ckpt=True, ckpt_blocks=19, host_embedding=True), 19.09),
+    (dict(method="qlora", batch=4, seq=2048, grad_ckpt=True, chunked_loss=False, gpus=2, fsdp_reshard=False), 22.24),
+    (dict(method="qlora", batch=6, seq=2048, grad_ckpt=True, chunked_loss=False, gpus=2, fsdp_reshard=False), 29.15),
+    (dict(method="qlora", batch=6, seq=2048, grad_ckpt=True, chunked_loss=False), 26.73),
 ]
 
 
