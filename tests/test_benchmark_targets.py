@@ -50,3 +50,9 @@ def test_recorded_fsdp_calls_against_issue_13():
                    "13: qlora 8B losses of 2 GPUs within 1e-2 of one GPU": ("met", 0.002)}
     huge = verdicts("--fsdp", str(RUNS / "2026-11-30-fsdp_70b_x2.txt"))
     assert huge == {"13: 70B-shape QLoRA peak within 10% of the prediction": ("met", 0.046)}
+    # the current layout (third session): LoRA and the 70B shape again
+    lora = verdicts("--fsdp", str(RUNS / "2026-11-30-fsdp_lora_base_last_x2.txt"))
+    assert lora == {"13: lora 8B on 2 GPUs >= 1.85x one GPU": ("met", 1.869),
+                    "13: lora 8B losses of 2 GPUs within 1e-2 of one GPU": ("met", 0.002)}
+    huge = verdicts("--fsdp", str(RUNS / "2026-11-30-fsdp_70b_fp32storage_x2.txt"))
+    assert huge == {"13: 70B-shape QLoRA peak within 10% of the prediction": ("met", 0.03)}
