@@ -137,7 +137,7 @@ class _LoraFunction(torch.autograd.Function):
             gx = _base_input_grad(g, weight, plan, cd) if plan.base else None  # (M, in)
             if gs is not None:
                 gx = gs @ A_cat if gx is None else gx.addmm_(gs, A_cat)
-            gx = gx.view(x.shape) if gx is not None else torch.zeros_like(x)
+            gx = gx.view(x.shape)  # (a plan without the base has adapters: gs is set)
         gb = g.sum(0, dtype=torch.promote_types(cd, torch.float32)).to(ctx.dtypes[-1]) if need[2] else None
         return (gx, None, gb, None, *grads_A, *grads_B)
 
