@@ -113,7 +113,10 @@ class _OffloadedBlock(torch.autograd.Function):
         ctx.x_grad = x.requires_grad
         dev = x.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        ctx.rng = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        # RNG states (replayed for dropout) cannot be read while a CUDA graph is captured; graphed steps run no dropout
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        ctx.rng = None if capturing else (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda
+                                          else None)
         with torch.no_grad():
             return block(x, cos, sin, mask)
 
@@ -121,13 +124,13 @@ class _OffloadedBlock(torch.autograd.Function):
     def backward(ctx, gy: Tensor):
         x = ctx.inputs.fetch(ctx.slot).detach().requires_grad_(ctx.x_grad)
         dev, on, dtype = ctx.autocast
-        cpu_rng, cuda_rng = ctx.rng
-        devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+        devices = [x.device] if x.is_cuda and ctx.rng is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=ctx.rng is not None), torch.enable_grad(), \
                 torch.autocast(dev, dtype=dtype, enabled=on):
-            torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng, x.device)
+            if ctx.rng is not None:
+                torch.set_rng_state(ctx.rng[0])
+                if ctx.rng[1] is not None:
+                    torch.cuda.set_rng_state(ctx.rng[1], x.device)
             y = ctx.block(x, *ctx.extra)
         torch.autograd.backward(y, gy)
         n_params = len(ctx.needs_input_grad) - 6

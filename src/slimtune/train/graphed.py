@@ -12,7 +12,8 @@ capture); what a graph needs is arranged here:
 - a non-finite gradient norm sets the optimizer's `found_inf`, so the fused AdamW leaves the weights as they were,
   and the step then fails as the eager one does.
 Steps whose shapes differ from the captured one (the short last batch of an epoch) run eagerly. `supported` says
-when a run can use it: CUDA, no loss scaling, the fused AdamW, no dropout, no activation or checkpoint offload.
+when a run can use it: CUDA, no loss scaling, the fused AdamW, no dropout, no activation offload (offloaded
+checkpointing is captured: its block inputs go to the same pinned host buffers at every replay).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def supported(model: nn.Module, optimizer, scaler, device: torch.device, offload
     if not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")
             and optimizer.defaults.get("capturable")):
         return "not the fused, capturable AdamW"
-    if offload or getattr(model, "grad_ckpt", False) == "offload":
+    if offload:  # (grad_ckpt=offload is captured: its copies to and from pinned buffers run on a forked stream)
         return "offloading moves tensors to the host"
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
         return "dropout"
