@@ -1,6 +1,7 @@
 """Training steps replayed as CUDA graphs (train/graphed.py): on CUDA they give the losses of eager steps, a
 non-finite loss leaves the weights as they were and stops the run, a batch of another shape runs eagerly; the reasons
-a run cannot use graphs are named (CPU, loss scaling, dropout, offloading)."""
+a run cannot use graphs are named (CPU, loss scaling, dropout, offloading); offloaded checkpointing is captured; a
+capture that runs out of memory leaves the run to eager steps."""
 from __future__ import annotations
 
 import pytest
@@ -87,6 +88,30 @@ def test_graphed_offloaded_checkpointing_equals_eager():
     graphed = [stepper([b], 1e-3)["loss"] for b in data]
     assert stepper.replays == 5
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=2e-3, atol=0)
+
+
+@cuda
+def test_capture_out_of_memory_falls_back_to_eager_steps(monkeypatch):
+    """An out-of-memory error while the step is captured (the graph's pool at the edge of the card): that step and
+    the later ones run eagerly, with the losses of an eager run."""
+    import slimtune.train.graphed as graphed
+
+    data = batches(4)
+    model, prec, opt, params, dev = setup("cuda")
+    eager = [train_step(model, [b], opt, None, prec, dev, 1.0, params)["loss"] for b in data]
+    model, prec, opt, params, dev = setup("cuda")
+    real = graphed.batch_loss
+
+    def tight(*args, **kw):
+        if torch.cuda.is_current_stream_capturing():
+            torch.empty(1 << 50, dtype=torch.uint8, device="cuda")  # 1 PiB: the allocator refuses
+        return real(*args, **kw)
+
+    monkeypatch.setattr(graphed, "batch_loss", tight)
+    stepper = GraphedStep(model, opt, prec, dev, 1.0, params)
+    got = [stepper([b], 1e-3)["loss"] for b in data]
+    assert stepper.replays == 0 and stepper.graph is None and "out of memory while capturing" in stepper.failed
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(eager), rtol=1e-6, atol=0)
 
 
 @cuda

@@ -11,7 +11,9 @@ capture); what a graph needs is arranged here:
   graph is captured at the second and replayed from then on;
 - a non-finite gradient norm sets the optimizer's `found_inf`, so the fused AdamW leaves the weights as they were,
   and the step then fails as the eager one does.
-Steps whose shapes differ from the captured one (the short last batch of an epoch) run eagerly. `supported` says
+Steps whose shapes differ from the captured one (the short last batch of an epoch) run eagerly, and so does every
+step after a capture that ran out of memory (a graph keeps its own pool: at the edge of the card the eager step may
+fit where the capture does not; `failed` says why). `supported` says
 when a run can use it: CUDA, no loss scaling, the fused AdamW, no dropout, no activation offload (offloaded
 checkpointing is captured: its block inputs go to the same pinned host buffers at every replay).
 """
@@ -63,6 +65,7 @@ class GraphedStep:
         self.max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
         self.params, self.chunked = params, chunked
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed: str | None = None  # why steps stopped being captured (out of memory while capturing)
         self.steps = 0
         self.replays = 0
 
@@ -113,10 +116,17 @@ class GraphedStep:
         """
         self.steps += 1
         micro = with_host_rows(self.model, micro)  # host-table rows: looked up here, copied in with the batch
-        if self.steps == 1 or (self.graph is not None and self._shapes(micro) != self.shapes):
+        if self.steps == 1 or self.failed or (self.graph is not None and self._shapes(micro) != self.shapes):
             return self._eager(micro, lr)
         if self.graph is None:
-            self._capture(micro)
+            try:
+                self._capture(micro)
+            except torch.OutOfMemoryError as e:  # the graph's pool did not fit: eager steps from here on
+                self.graph, self.failed = None, f"out of memory while capturing the step ({str(e).splitlines()[0]})"
+                self.opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
+                return self._eager(micro, lr)
         for dst, src in zip(self.inputs, micro):
             for k, v in src.items():
                 dst[k].copy_(v, non_blocking=True)

@@ -234,6 +234,9 @@ class Run:
             raise TrainingError(f"step {self.step + 1}: {e}; the run stopped, {self.stopped()}; fix: lower lr (now "
                                 f"{cfg.lr:g}), raise warmup_steps, set max_grad_norm, or use precision=fp32 / "
                                 "bf16-mixed") from None
+        if self.graphed is not None and self.graphed.failed:
+            self.log(f"steps run eagerly from step {self.step + 1} on: {self.graphed.failed}")
+            self.graphed = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
