@@ -1,6 +1,6 @@
 """FSDP2 through torchrun on the CPU (gloo, 2 processes): full, LoRA and QLoRA runs on 2 processes give the losses and
-results of one process on the same global batches (fp32: within 1e-6; QLoRA under bf16-mixed, where FSDP2 casts what
-it gathers, too), with each block's gathers freed after its forward or kept to its backward (`fsdp_reshard`); a
+results of one process on the same global batches (fp32: within 1e-6; QLoRA under bf16-mixed, where nothing of a
+4-bit model is cast when gathered, too), with each block's gathers freed after its forward or kept to its backward (`fsdp_reshard`); a
 torchrun job killed with SIGKILL mid-run resumes with the same losses, on 2 processes and on 1; bad input stops with
 one line and exit 2, nothing lost."""
 from __future__ import annotations
@@ -121,8 +121,8 @@ def test_two_processes_match_one(model_dir, tmp_path, method):
 
 
 def test_qlora_bf16_mixed_with_kept_gathers(model_dir, tmp_path):
-    """Under bf16-mixed FSDP2 casts every gathered parameter that is not bf16: the 4-bit bytes and fp32 scales must
-    come through untouched (stored as bf16 elements), so the loss before training is the one-process loss."""
+    """Under bf16-mixed the 4-bit bytes and fp32 scales must come through the gathers untouched (stored as fp32
+    elements, gathered uncast: `gather_dtype`), so the loss before training is the one-process loss."""
     extra = dict(method="qlora", precision="bf16-mixed", fsdp_reshard=False, max_steps=2)
     one, two = tmp_path / "one", tmp_path / "two"
     train(load_config(None, keys(model_dir, one, **extra)), log=lambda s: None)
