@@ -148,18 +148,8 @@ class _FrozenBase(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, z: Tensor, weight: Tensor | None, bias: Tensor | None, plan: _Plan) -> Tensor:
-        cd = x.dtype
         x2, z2 = x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])  # (M, in), (M, O)
-        ws = [plan.load(cd) if weight is None else weight.to(cd)] if plan.split is None else list(plan.split)
-        if len(ws) == 1:
-            y = torch.addmm(z2, x2, ws[0].to(cd).t())
-        else:
-            y, o = z2.clone(), 0
-            for W in ws:
-                y[:, o:o + W.shape[0]].addmm_(x2, W.to(cd).t())
-                o += W.shape[0]
-        if bias is not None:
-            y.add_(bias.to(cd))
+        y = _base_forward(x2, weight, bias, plan, x.dtype, acc=z2)
         ctx.weight, ctx.plan, ctx.shape, ctx.bias_dtype = weight, plan, x.shape, None if bias is None else bias.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -172,17 +162,26 @@ class _FrozenBase(torch.autograd.Function):
         return gx, dy if need[1] else None, None, gb, None
 
 
-def _base_forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, plan: _Plan, cd: torch.dtype) -> Tensor:
-    """x2 W^T + b (M, O): one matmul over the stacked W, or one per dense projection into its columns."""
-    if plan.split is None:
-        W = plan.load(cd) if weight is None else weight.to(cd)  # (O, in)
-        return x2 @ W.t() if bias is None else torch.addmm(bias.to(cd), x2, W.t())
-    y = torch.empty(x2.shape[0], sum(w.shape[0] for w in plan.split), dtype=cd, device=x2.device)
-    o = 0
-    for W in plan.split:  # beta=0: the uninitialized columns are ignored
-        y[:, o:o + W.shape[0]].addmm_(x2, W.to(cd).t(), beta=0)
-        o += W.shape[0]
-    return y if bias is None else y.add_(bias.to(cd))
+def _base_forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, plan: _Plan, cd: torch.dtype,
+                  acc: Tensor | None = None) -> Tensor:
+    """acc + x2 W^T + b (M, O) (acc None: nothing added): one matmul over the stacked W (or the one dense W), else one
+    per dense projection into its columns."""
+    b = None if bias is None else bias.to(cd)
+    ws = [plan.load(cd) if weight is None else weight.to(cd)] if plan.split is None else [w.to(cd) for w in plan.split]
+    if len(ws) == 1:
+        if acc is None:
+            return x2 @ ws[0].t() if b is None else torch.addmm(b, x2, ws[0].t())
+        y = torch.addmm(acc, x2, ws[0].t())
+    else:
+        if acc is None:
+            y = torch.empty(x2.shape[0], sum(w.shape[0] for w in ws), dtype=cd, device=x2.device)
+        else:
+            y = acc.clone()
+        o = 0
+        for W in ws:  # beta=0 without acc: the uninitialized columns are ignored
+            y[:, o:o + W.shape[0]].addmm_(x2, W.t(), beta=0 if acc is None else 1)
+            o += W.shape[0]
+    return y if b is None else y.add_(b)
 
 
 def _base_input_grad(g: Tensor, weight: Tensor | None, plan: _Plan, cd: torch.dtype) -> Tensor:
