@@ -12,6 +12,7 @@ from slimtune.kernels.rmsnorm import rms_norm
 from slimtune.kernels.swiglu import swiglu
 from slimtune.models.config import ModelConfig
 from slimtune.models.projections import project
+from slimtune.models.recompute import capturing
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
@@ -96,7 +97,7 @@ class MLP(nn.Module):
             return torch.cat([self._piece(p) for p in pieces], dim=-2)
         from torch.utils.checkpoint import checkpoint
 
-        keep_rng = not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        keep_rng = not capturing(x)
         outs = [checkpoint(self._piece, p, use_reentrant=False, preserve_rng_state=keep_rng) for p in pieces]
         return torch.cat(outs, dim=-2)  # (B, T, d); its backward hands each piece a view of dL/dy
 

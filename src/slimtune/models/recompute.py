@@ -23,6 +23,12 @@ CKPT_MODES = (False, True, "offload")
 MLP_TILE = 8192
 
 
+def capturing(x: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on x's stream: RNG states cannot be read then (graphed steps run no
+    dropout, so there is nothing to replay)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def copy_on_stream(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> torch.cuda.Event:
     """Copy CUDA tensor `src` into `dst` (pinned host memory, or back) on `stream`, overlapping the compute stream;
     returns the event that marks the copy done. `src` stays alive for the allocator until the copy ends."""
@@ -113,10 +119,8 @@ class _OffloadedBlock(torch.autograd.Function):
         ctx.x_grad = x.requires_grad
         dev = x.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        # RNG states (replayed for dropout) cannot be read while a CUDA graph is captured; graphed steps run no dropout
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        ctx.rng = None if capturing else (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda
-                                          else None)
+        ctx.rng = None if capturing(x) else (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda
+                                             else None)  # replayed for dropout
         with torch.no_grad():
             return block(x, cos, sin, mask)
 
@@ -124,7 +128,7 @@ class _OffloadedBlock(torch.autograd.Function):
     def backward(ctx, gy: Tensor):
         x = ctx.inputs.fetch(ctx.slot).detach().requires_grad_(ctx.x_grad)
         dev, on, dtype = ctx.autocast
-        devices = [x.device] if x.is_cuda and ctx.rng is not None else []
+        devices = [x.device] if x.is_cuda else []
         with torch.random.fork_rng(devices=devices, enabled=ctx.rng is not None), torch.enable_grad(), \
                 torch.autocast(dev, dtype=dtype, enabled=on):
             if ctx.rng is not None:
@@ -155,9 +159,8 @@ def run_blocks(layers: nn.ModuleList, x: Tensor, cos, sin, mask, cache, mode, po
         if mode_i == "offload":
             params = [p for p in layer.parameters() if p.requires_grad]
             x = _OffloadedBlock.apply(offloaded, layer, x, cos, sin, mask, *params)
-        elif mode_i:  # RNG states cannot be read while a CUDA graph is captured (graphed steps run no dropout)
-            x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False,
-                           preserve_rng_state=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+        elif mode_i:
+            x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False, preserve_rng_state=not capturing(x))
         else:
             x = layer(x, cos, sin, mask, cache)
     return x
