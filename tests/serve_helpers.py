@@ -1,5 +1,6 @@
 """Shared by the serving tests: real PEFT adapter folders for the tiny model, a real uvicorn server in a thread on a
-free port, and reference generations through `slimtune generate`'s own code path."""
+free port (or `slimtune serve` as its own process), and reference generations through `slimtune generate`'s own
+code path."""
 from __future__ import annotations
 
 import copy
@@ -111,3 +112,32 @@ def wait_until(cond, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free a moment ago (for a server started in another process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server_process(cmd: str | list[str], port: int, shell: bool = False):
+    """`slimtune serve ...` started as its own process, yielded once /health answers on `port` (its output in the
+    failure message if it never does), stopped with SIGTERM afterwards."""
+    import subprocess
+
+    import httpx
+
+    proc = subprocess.Popen(cmd, shell=shell, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        def up():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+            except httpx.TransportError:
+                return proc.poll() is not None
+        assert wait_until(up, 60) and proc.poll() is None, proc.stdout.read().decode()
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(20)

@@ -2,14 +2,11 @@
 adapters in place of the 8B paths, a free port), its curl command and its `openai` snippet, against the real server."""
 import json
 import re
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import httpx
-from serve_helpers import make_adapters, wait_until
+from serve_helpers import free_port, make_adapters, server_process
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -26,27 +23,15 @@ def test_readme_serving_commands_work(tmp_path):
     (serve, curl), snippet = serving_blocks()
     assert serve.startswith("slimtune serve ") and curl.startswith("curl ")
     ads = make_adapters(tmp_path, ("a0", "a1"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     here = lambda text: text.replace("127.0.0.1:8000", f"127.0.0.1:{port}")  # noqa: E731
     serve = serve.replace("slimtune serve", f"{sys.executable} -m slimtune serve", 1)
     serve = re.sub(r"--model \S+", "--model builtin", serve)
     serve = serve.replace("out/support/adapter", ads["a0"]).replace("out/sql/adapter", ads["a1"])
-    proc = subprocess.Popen(f"{serve} --port {port} --max-len 256 --log-level warning", shell=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        def up():
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
-            except httpx.TransportError:
-                return proc.poll() is not None
-        assert wait_until(up, 60) and proc.poll() is None, proc.stdout.read().decode()
+    with server_process(f"{serve} --port {port} --max-len 256 --log-level warning", port, shell=True):
         r = subprocess.run(here(curl), shell=True, capture_output=True, text=True, timeout=60)
         answer = json.loads(r.stdout)
         assert r.returncode == 0 and answer["model"] == "sql" and answer["usage"]["completion_tokens"] >= 1, r.stdout
         out = subprocess.run([sys.executable, "-c", here(snippet)], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and out.stdout.endswith("\n"), out.stderr  # the answer printed (random model: any text)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
+

@@ -2,15 +2,13 @@
 into an NF4 base), a full server answering 503, an API key, and the real command line."""
 import json
 import signal
-import socket
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-from serve_helpers import make_adapters, reference_ids, serving, wait_until
+from serve_helpers import free_port, make_adapters, reference_ids, server_process, serving
 
 from slimtune.cli import main
 from slimtune.models.decoder import Decoder, init_weights
@@ -133,24 +131,12 @@ def test_command_line_errors(tmp_path, capsys):
 
 def test_the_real_command(tmp_path):
     ads = make_adapters(tmp_path, ("a0",))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "slimtune", "serve", "--model", "builtin", "--adapter",
-                             f"a0={ads['a0']}", "--port", str(port), "--max-len", "256", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        def up():
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
-            except httpx.TransportError:
-                return proc.poll() is not None
-        assert wait_until(up, 60) and proc.poll() is None, proc.stdout.read().decode()
+    port = free_port()
+    with server_process([sys.executable, "-m", "slimtune", "serve", "--model", "builtin", "--adapter",
+                         f"a0={ads['a0']}", "--port", str(port), "--max-len", "256", "--log-level", "warning"],
+                        port) as proc:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         chat = client.chat.completions.create(model="a0", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
                                               temperature=0)
         assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.completion_tokens >= 1
-    finally:
-        proc.terminate()
-        proc.wait(20)
     assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn shuts down, then re-raises the signal it caught

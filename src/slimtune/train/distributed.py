@@ -153,8 +153,9 @@ def wrap_fsdp(model: nn.Module, prec: Precision, mesh, reshard: bool = True) -> 
 
     Mixed precision matches the single-process policy: under bf16-mixed the gathered weights are cast to bf16
     (`param_dtype`; frozen bf16 weights are left alone; with 4-bit layers nothing is cast, see `gather_dtype`) and the
-    forward keeps its autocast context; the gradients are reduced in fp32. Gradients are summed over ranks (divide factor 1): the
-    loss is already divided by the global token count. Each block prefetches the next one's all-gather in forward.
+    forward keeps its autocast context; the gradients are reduced in fp32. Gradients are summed over ranks (divide
+    factor 1): the loss is already divided by the global token count. Each block prefetches the next one's all-gather
+    in forward.
 
     Args:
         reshard: free each group's gathered weights after its forward (gathered again for the backward) - the
