@@ -1,7 +1,7 @@
 """`benchmarks/targets.py` on the recorded device calls: the issue-12 targets (2k peak <= 0.9x Unsloth's, longest
 sequence >= 1.5x) hold in the calls `vs_unsloth.md` / `long_context.md` cite, the first call's 2k peak missed, and the
-LoRA bf16 2.5x of issue 11 is reported as missed there and met in the third session's call; issue 13's FSDP2 speedups, losses and 70B prediction on the
-recorded x2 calls."""
+LoRA bf16 2.5x of issue 11 is reported as missed there and met in the third session's call; issue 13's FSDP2
+speedups, losses and 70B prediction on the recorded x2 calls."""
 import subprocess
 import sys
 from pathlib import Path

@@ -83,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     what = "generation" if args.generate else f"{args.method}, {args.precision}, {args.optimizer}"
     where = f" per GPU of {args.gpus} (FSDP2)" if args.gpus > 1 else ""
-    print(f"peak GPU memory{where}: {gib(e['total_bytes'])} ({what}, batch {args.batch} x seq {args.seq}"
-          f"{', checkpointing' if args.grad_ckpt is True else ', offloaded checkpointing' if args.grad_ckpt else ''}{', offload ' + args.offload if args.offload else ''}); "
+    ckpt = ", checkpointing" if args.grad_ckpt is True else ", offloaded checkpointing" if args.grad_ckpt else ""
+    off = f", offload {args.offload}" if args.offload else ""
+    print(f"peak GPU memory{where}: {gib(e['total_bytes'])} ({what}, batch {args.batch} x seq {args.seq}{ckpt}{off}); "
           f"peak during {e['peak_phase']}")
     for k in COMPONENTS:
         v = e.get(f"{k}_bytes", 0)
