@@ -6,9 +6,9 @@ EFFECTIVE_FLOPS (6 N per token for full fine-tuning, 4 N with a frozen base: for
 attention 2 L S q_dim per token forward, twice that backward); checkpointing adds one more forward (~1/3 more for full
 fine-tuning, ~1/2 with a frozen base) for each checkpointed block (a checkpointing row checkpoints only as many blocks,
 the first ones, as its budget needs: `ckpt_blocks`); QLoRA re-dequantizes every weight in forward and backward
-(DEQUANT_BYTES of memory traffic per weight at HBM_BW); activation offloading moves every saved tensor over PCIe both ways (PCIE_BW),
-overlapped with compute; optimizer offloading moves gradients down and weights up over PCIe and runs AdamW on the CPU
-(CPU_ADAM params/s), not overlapped.
+(DEQUANT_BYTES of memory traffic per weight at HBM_BW); activation offloading moves every saved tensor over PCIe both
+ways (PCIE_BW), overlapped with compute; optimizer offloading moves gradients down and weights up over PCIe and runs
+AdamW on the CPU (CPU_ADAM params/s), not overlapped.
 """
 from __future__ import annotations
 
