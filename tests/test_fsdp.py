@@ -1,8 +1,8 @@
 """FSDP2 through torchrun on the CPU (gloo, 2 processes): full, LoRA and QLoRA runs on 2 processes give the losses and
 results of one process on the same global batches (fp32: within 1e-6; QLoRA under bf16-mixed, where nothing of a
-4-bit model is cast when gathered, too), with each block's gathers freed after its forward or kept to its backward (`fsdp_reshard`); a
-torchrun job killed with SIGKILL mid-run resumes with the same losses, on 2 processes and on 1; bad input stops with
-one line and exit 2, nothing lost."""
+4-bit model is cast when gathered, too), with each block's gathers freed after its forward or kept to its backward
+(`fsdp_reshard`); a torchrun job killed with SIGKILL mid-run resumes with the same losses, on 2 processes and on 1;
+bad input stops with one line and exit 2, nothing lost."""
 from __future__ import annotations
 
 import hashlib

@@ -24,8 +24,8 @@ class Regime:
     resid: the residual stream (the embedding's dtype; RoPE's cos/sin share it). compute: matmul / SDPA outputs (the
     autocast dtype, else the weights'). norm_out: RMSNorm outputs = promote(norm weight, resid). autocast: a linear
     whose input dtype differs from `compute` casts it, one copy per linear. adapter: bytes of the LoRA weights.
-    trainable: names of block linears whose base weight trains; adapters: block linear -> LoRA rank; norms / embed / head: those parameters train.
-    attention: 'flash' | 'efficient' | 'math'. lora_dropout > 0 adds a dropout output and mask per adapter.
+    trainable: names of block linears whose base weight trains; adapters: block linear -> LoRA rank; norms / embed /
+    head: those parameters train. attention: 'flash' | 'efficient' | 'math'. lora_dropout > 0 adds a dropout output and mask per adapter.
     """
 
     resid: int
