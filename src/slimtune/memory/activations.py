@@ -25,7 +25,8 @@ class Regime:
     autocast dtype, else the weights'). norm_out: RMSNorm outputs = promote(norm weight, resid). autocast: a linear
     whose input dtype differs from `compute` casts it, one copy per linear. adapter: bytes of the LoRA weights.
     trainable: names of block linears whose base weight trains; adapters: block linear -> LoRA rank; norms / embed /
-    head: those parameters train. attention: 'flash' | 'efficient' | 'math'. lora_dropout > 0 adds a dropout output and mask per adapter.
+    head: those parameters train. attention: 'flash' | 'efficient' | 'math'. lora_dropout > 0 adds a dropout output
+    and mask per adapter.
     """
 
     resid: int
