@@ -10,7 +10,10 @@ import argparse
 import importlib
 import os
 import sys
+import time
 
+# under torchrun, a process that does not report an error waits this long before it exits (`main`)
+SILENT_RANK_GRACE_S = 5.0
 # subcommand name -> module holding `HELP`, `add_arguments(p)` and `run(args) -> int | None`
 COMMANDS: dict[str, str] = {
     "quickstart": "slimtune.commands.quickstart",
@@ -71,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         # under torchrun every process raises it: rank 0 prints it, or the rank that `train.distributed.agreed` names
         if getattr(e, "report", os.environ.get("RANK", "0") == "0"):
             print(f"slimtune {args.command}: error: {e}", file=sys.stderr)
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # torchrun stops the whole job at the first process that exits: a silent one waits, so that the line of
+            # the reporting process (raising the same error about now) gets out first
+            time.sleep(SILENT_RANK_GRACE_S)
         return 2
     except OSError as e:  # the disk or the permissions, not a bug: one line naming the path
         print(f"slimtune {args.command}: error: {StorageError.from_os(e)}", file=sys.stderr)
